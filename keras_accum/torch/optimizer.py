@@ -1,0 +1,937 @@
+"""`AccumOptimizer`: exact gradient accumulation, EMA and clipping for PyTorch.
+
+The torch mirror of `keras_accum.keras.AccumOptimizer`: same names, same
+numbers (semantics.md, points 1 to 15). The wrapper owns accumulation,
+clipping, the non-finite policy and the EMA of weights; the inner optimizer is
+called exactly once per update, so its state, step counter, weight decay and
+any LR scheduler advance once per update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from keras_accum import _core
+from keras_accum.torch import _hooks
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: Any) -> Any:
+    """A torch.dtype as its name, for the shared validation; anything else as is."""
+    if isinstance(dtype, torch.dtype):
+        return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return dtype
+
+
+def _by_device_and_dtype(tensors: list) -> dict:
+    """Indices of `tensors` grouped by (device, dtype): the foreach fast path."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _norms(tensors: list, ord: float = 2.0) -> list:
+    """Per-tensor norms (float32 for half types), aligned with `tensors`."""
+    out = [None] * len(tensors)
+    for (_, dtype), idx in _by_device_and_dtype(tensors).items():
+        kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord, **kwargs)):
+            out[i] = n
+    return out
+
+
+def _stack(scalars: list, device: torch.device) -> torch.Tensor:
+    return torch.stack([s.to(device=device, dtype=torch.float32) for s in scalars])
+
+
+def _global_norm(norms: list, device: torch.device) -> torch.Tensor:
+    """`sqrt(sum_i norm_i**2)`, float32 (0 when there is no tensor)."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.linalg.vector_norm(_stack(norms, device))
+
+
+def _max_abs(tensors: list, device: torch.device) -> torch.Tensor:
+    """Per-tensor `max |t|` (inf or nan when `t` holds one), stacked, float32.
+
+    The infinity norm cannot overflow, so it tells a finite tensor from a
+    non-finite one exactly, in one read pass (an L2 norm overflows to inf for
+    finite elements above ~1.8e19, as torch's float32 foreach norm does).
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((0,), dtype=torch.float32, device=device)
+    return _stack(_norms(tensors, math.inf), device)
+
+
+class AccumOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer with exact gradient accumulation, EMA and clipping.
+
+    Use it in the plain torch loop, once per micro-batch:
+    `loss.backward(); opt.step(); scheduler.step(); opt.zero_grad()`.
+    Every `merge_grad`-th `step()` (an update) hands the merged gradient to the
+    inner optimizer, once:
+
+        acc_i     += w * g_i                       (each micro-step, weight w)
+        merged_i   = acc_i / sum(w)                (reduction="mean")
+                   = acc_i                         (reduction="sum")
+        merged     = clip(merged)                  (clipvalue, then clipnorm or
+                                                    global_clipnorm)
+        inner.step()                               (once per update)
+        ema_i      = m * ema_i + (1 - m) * p_i     (after each update only)
+
+    With equal micro-batches and `w = 1`, training with `merge_grad=k` on
+    batches of `b` equals training on batches of `k * b`, for every inner
+    optimizer, LR scheduler included. A parameter whose `.grad` is None in a
+    micro-step contributes zero; one with no gradient in the whole window is
+    handed `grad=None` (the inner optimizer leaves it and its state alone).
+
+    Where the window lives, and what it costs:
+
+    * Default (`accumulator_dtype=None` or equal to the parameter dtype, no
+      `weight`): autograd accumulates into `.grad` itself. No extra memory;
+      a non-update `step()` does no tensor work at all (counters only), and
+      `zero_grad()` keeps `.grad` until the window closes. An update adds one
+      in-place divide (skipped when the divisor is 1) and one norm read pass
+      (`last_grad_norm`, which also decides the non-finite check).
+    * A side buffer, per parameter, in `accumulator_dtype` (e.g. float32 for
+      bfloat16 parameters), or in the parameter dtype once a micro-step
+      `weight` is passed (`w * g` cannot be formed inside a `.grad` that
+      already holds the earlier micro-steps; from then on the optimizer keeps
+      using buffers, so pass `weight` at every micro-step or never). Costs one buffer per parameter
+      (`numel * itemsize` of the accumulator dtype), plus one fused
+      read-add pass over the gradients per micro-step; `step()` moves `.grad`
+      into the buffer and sets `.grad = None`.
+    * `on_nonfinite="raise"`: one max-abs read pass and a host sync per
+      micro-step. `"skip"` (the default): one host sync per update.
+    * `use_ema`: one float32 (float64 for float64 params) copy of every
+      parameter, and one foreach `lerp_` per update.
+
+    The EMA covers exactly the parameters in the optimizer's param groups
+    (Keras: the trainable variables). Buffers (BatchNorm running statistics,
+    integer counters) are never averaged, swapped or overwritten: they are
+    running averages already, and `swap_ema_weights()` leaves them alone.
+
+    GradScaler: call `scaler.scale(loss).backward(); scaler.step(opt);
+    scaler.update()` every micro-step. The wrapper unscales once per update
+    (before clipping), skips the window on overflow (whatever `on_nonfinite`
+    says: the scaler's protocol) and lets the scale move only at updates.
+    Do not call `scaler.unscale_(opt)`: clip with `clipnorm`/`global_clipnorm`.
+
+    DDP: wrap the backward in `with opt.no_sync(model):` to skip the
+    all-reduce on micro-steps that do not update (only while gradients
+    accumulate in `.grad`; with side buffers every micro-step all-reduces).
+
+    Args:
+        optimizer: a `torch.optim.Optimizer` (not an `AccumOptimizer`, not
+            LBFGS); its param groups become this optimizer's (shared, so
+            schedulers and `add_param_group` reach both).
+        merge_grad: int >= 1, micro-steps per update. Defaults to 1 (then the
+            wrapper is bit-identical to the inner optimizer).
+        reduction: `"mean"` (default): the merged gradient is the weighted
+            mean `sum(w * g) / sum(w)`; `"sum"`: `sum(w * g)`.
+        accumulator_dtype: None (default: each parameter's own dtype, in
+            `.grad`), a `torch.dtype` or its name (`"float32"`, ...).
+        use_ema: bool, keep an exponential moving average of the parameters,
+            moved after each update only. Defaults to False.
+        ema_momentum: float in [0, 1], the EMA momentum `m`. Defaults to 0.99.
+        ema_overwrite_frequency: int >= 1 or None; right after every
+            `ema_overwrite_frequency`-th update the parameters are replaced
+            by their EMA.
+        ema_warmup: bool, use `m = min(ema_momentum, (1 + n) / (10 + n))`
+            with `n` the number of updates before this one. Defaults to False.
+        clipnorm: float > 0 or None, clip each merged gradient to this norm:
+            `g * clipnorm / max(||g||, clipnorm)`.
+        clipvalue: float > 0 or None, clip merged gradient values to
+            `[-clipvalue, clipvalue]` (before any norm clipping).
+        global_clipnorm: float > 0 or None, clip the merged gradients to this
+            global norm. Exclusive with `clipnorm`.
+        on_nonfinite: `"skip"` (default): a window with an inf or NaN is
+            discarded at its update (parameters, inner state, EMA, schedulers
+            and `iterations` do not move) and counted in `skipped_updates`;
+            `"raise"`: `FloatingPointError` at the micro-step that produced
+            it, before any state changes; `"ignore"`: pass it on.
+
+    Raises:
+        TypeError: `optimizer` is not a `torch.optim.Optimizer`, or an
+            argument of the wrong kind (`merge_grad="4"`).
+        ValueError: a bad value, an `AccumOptimizer` or LBFGS as `optimizer`,
+            or both `clipnorm` and `global_clipnorm`.
+
+    Example:
+
+    ```python
+    opt = keras_accum.torch.AccumOptimizer(torch.optim.AdamW(model.parameters()), merge_grad=4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=n_updates)
+    for x, y in loader:  # micro-batches of 8: the updates of batches of 32
+        loss_fn(model(x), y).backward()
+        opt.step()
+        sched.step()  # advances once per update
+        opt.zero_grad()  # clears only after an update
+    opt.flush()  # apply a last, partial window
+    ```
+    """
+
+    # GradScaler.step then calls step(grad_scaler=scaler) instead of
+    # unscaling .grad itself at every micro-step (which would unscale the
+    # earlier micro-steps of the window again and again).
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        merge_grad: int = 1,
+        reduction: str = "mean",
+        accumulator_dtype: torch.dtype | str | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        ema_warmup: bool = False,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        on_nonfinite: str = "skip",
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a torch.optim.Optimizer (e.g. "
+                f"torch.optim.AdamW(model.parameters())). Received: optimizer={optimizer!r}"
+            )
+        if isinstance(optimizer, AccumOptimizer):
+            raise ValueError(
+                "`optimizer` must not be an AccumOptimizer: wrapping one in another "
+                "would merge the gradients twice. Pass the inner optimizer, and the "
+                f"product of the merge_grad values. Received: optimizer={optimizer!r}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "`optimizer` must not be LBFGS: it re-evaluates a closure several "
+                "times per step, which a merged gradient cannot serve. "
+                f"Received: optimizer={optimizer!r}"
+            )
+        config = _core.AccumConfig.create(
+            allow_none_dtype=True,
+            merge_grad=merge_grad,
+            reduction=reduction,
+            accumulator_dtype=_dtype_name(accumulator_dtype),
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            ema_warmup=ema_warmup,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            on_nonfinite=on_nonfinite,
+        )
+        self.inner_optimizer = optimizer
+        self._config = config
+        self._acc_dtype = (
+            None if config.accumulator_dtype is None else _NAME_DTYPES[config.accumulator_dtype]
+        )
+        self._signature = config.state_signature(type(optimizer).__name__)
+        # The base constructor runs hooks set-up and add_param_group for the
+        # inner optimizer's groups (the dicts themselves, so they are shared);
+        # then the list itself is shared, so a later add_param_group on either
+        # optimizer, or a scheduler writing group["lr"], reaches both.
+        self._sharing_groups = False
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self._sharing_groups = True
+
+        # Counters are host ints: whether a step updates is host control flow
+        # (it decides whether inner.step() runs at all), so device counters
+        # would cost a sync per micro-step. They are saved as tensors.
+        self._iterations = 0
+        self._micro_steps = 0
+        self._skipped_updates = 0
+        self._window_steps = 0
+        self._window_weight = 0.0
+        # Sticky: a micro-step weight != 1 was passed, so every parameter
+        # accumulates in a side buffer from then on.
+        self._weighted = False
+        # Buffered parameters that got a gradient in the open window.
+        self._touched: set = set()
+        # The GradScaler scale the open window was accumulated at.
+        self._window_scale: torch.Tensor | None = None
+        self._last_grad_norm: torch.Tensor | None = None
+        # This micro-step's backward ran inside model.no_sync().
+        self._unreduced = False
+        self._ema_backup: list | None = None
+        _hooks.set_owner(self, self)
+        _hooks.set_owner(optimizer, self)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> _core.AccumConfig:
+        """The validated configuration (shared with the Keras side)."""
+        return self._config
+
+    @property
+    def merge_grad(self) -> int:
+        return self._config.merge_grad
+
+    @property
+    def reduction(self) -> str:
+        return self._config.reduction
+
+    @property
+    def accumulator_dtype(self) -> torch.dtype | None:
+        return self._acc_dtype
+
+    @property
+    def use_ema(self) -> bool:
+        return self._config.use_ema
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self._config.on_nonfinite
+
+    # ---------------------------------------------------------------- counters
+    @property
+    def iterations(self) -> int:
+        """Updates applied (skipped windows do not count)."""
+        return self._iterations
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps taken (calls of `step()`)."""
+        return self._micro_steps
+
+    @property
+    def skipped_updates(self) -> int:
+        """Windows discarded by the non-finite policy (or a GradScaler overflow)."""
+        return self._skipped_updates
+
+    @property
+    def window_steps(self) -> int:
+        """Micro-steps in the open window."""
+        return self._window_steps
+
+    @property
+    def window_weight(self) -> float:
+        """Sum of the micro-step weights in the open window."""
+        return self._window_weight
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """Global L2 norm (float32 tensor) of the last merged gradient, before
+        clipping; inf/nan for a skipped window; None before the first window."""
+        return self._last_grad_norm
+
+    @property
+    def next_step_updates(self) -> bool:
+        """Whether the next `step()` closes a window."""
+        return self._window_steps + 1 >= self._config.merge_grad
+
+    def __repr__(self) -> str:
+        defaults = _core.AccumConfig.create(allow_none_dtype=True).to_dict()
+        cfg = ", ".join(
+            f"{k}={v!r}" for k, v in self._config.to_dict().items() if v != defaults[k]
+        )
+        inner = "\n    ".join(repr(self.inner_optimizer).splitlines())
+        return f"AccumOptimizer({cfg + ', ' if cfg else ''}optimizer=\n    {inner}\n)"
+
+    # ------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group to the inner optimizer (and so to this one)."""
+        if not self._sharing_groups:
+            # Base constructor: register the inner optimizer's own dicts.
+            super().add_param_group(param_group)
+        else:
+            self.inner_optimizer.add_param_group(param_group)
+
+    def _params(self) -> list:
+        """Parameters in param-group order: the indices of `state_dict()`."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _buffered(self, p: torch.Tensor) -> bool:
+        """Whether `p` accumulates in a side buffer (else in `.grad`)."""
+        return self._weighted or (self._acc_dtype is not None and p.dtype != self._acc_dtype)
+
+    def _uses_side_buffers(self) -> bool:
+        return any(self._buffered(p) for p in self._params())
+
+    # ------------------------------------------------------------- micro-step
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        weight: float | torch.Tensor | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Any:
+        """Takes one micro-step; every `merge_grad`-th one updates.
+
+        Under `torch.compile` this is a graph break: it runs eagerly, so its
+        host-side counters cause no guard and no recompile.
+
+        Args:
+            closure: optional callable that re-evaluates the model (with
+                backward) and returns the loss; called once, before merging.
+            weight: optional number (or 0-dim tensor, read on the host) >= 0,
+                this micro-step's weight `w` (a sample or token count).
+                Defaults to 1. Passing a weight moves accumulation to side
+                buffers for good, so it must come from the first micro-step
+                of a window on.
+            grad_scaler: passed by `GradScaler.step(opt)`; do not pass it.
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            TypeError, ValueError: a bad `weight` (nothing changes).
+            FloatingPointError: `on_nonfinite="raise"` and a non-finite
+                gradient (or `w * g`) in this micro-step (nothing changes).
+            RuntimeError: an unsupported combination (a first `weight` in the
+                middle of a window, a sparse gradient, `scaler.unscale_(opt)`,
+                a GradScaler used on only some micro-steps of a window, a step
+                while the EMA is swapped in).
+        """
+        w = self._validate_weight(weight)
+        if self._ema_backup is not None:
+            raise RuntimeError(
+                "step() was called while the EMA is swapped into the model: leave "
+                "`swap_ema_weights()` (or call `swap_out_ema()`) before training."
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(
+                "AccumOptimizer does not support sparse gradients "
+                "(e.g. nn.Embedding(sparse=True)); use dense gradients."
+            )
+        switch_to_buffers = weight is not None and not self._weighted
+        if switch_to_buffers:
+            self._check_can_switch_to_buffers(params)
+        scale = self._scaler_scale(grad_scaler)
+        if self._window_steps > 0 and (scale is None) != (self._window_scale is None):
+            raise RuntimeError(
+                "Every micro-step of a window must go through the same GradScaler "
+                "(scaler.step(opt)) or none: the window's gradients would mix scales."
+            )
+        if self.on_nonfinite == "raise" and scale is None:
+            # Under a GradScaler, overflow is the scaler's business (it skips).
+            self._raise_if_nonfinite(grads, w)
+
+        # Validation done: state changes from here on.
+        if switch_to_buffers:
+            self._weighted = True
+        self._accumulate(params, w)
+        if self._window_steps == 0:
+            self._window_scale = None if scale is None else scale.detach().clone()
+        self._micro_steps += 1
+        self._window_steps += 1
+        self._window_weight += w
+        self._unreduced = False
+        if self._window_steps >= self._config.merge_grad:
+            found_inf = self._close_window(params, grad_scaler)
+            if grad_scaler is not None:
+                grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"] = {
+                    found_inf.device: found_inf
+                }
+        elif grad_scaler is not None:
+            grad_scaler._per_optimizer_states[id(self)][_hooks.SCALER_HOLD_KEY] = True
+        return loss
+
+    @staticmethod
+    def _validate_weight(weight: Any) -> float:
+        if isinstance(weight, torch.Tensor):
+            if weight.numel() != 1 or weight.is_complex() or weight.dtype == torch.bool:
+                raise TypeError(
+                    "`weight` must be a finite number >= 0 (a sample or token count). "
+                    f"Received: weight={weight!r}"
+                )
+            weight = weight.item()
+        w = _core.validate_weight(weight)
+        return 1.0 if w is None else w
+
+    def _check_can_switch_to_buffers(self, params: list) -> None:
+        if self._window_steps > 0 and not all(self._buffered(p) for p in params):
+            raise RuntimeError(
+                "A micro-step `weight` was first passed at window position "
+                f"{self._window_steps + 1} of {self.merge_grad}, but the earlier micro-steps "
+                "of this window were summed inside `.grad`, where `w * g` cannot be formed. "
+                "Pass `weight` from the first micro-step of a window on (e.g. always)."
+            )
+        if self._unreduced:
+            raise RuntimeError(
+                "Micro-step weights need side buffers, and a gradient moved into a "
+                "buffer misses DDP's all-reduce: do not use `opt.no_sync(model)` "
+                "together with `weight` (no_sync is a null context once weights are used)."
+            )
+
+    def _scaler_scale(self, grad_scaler: Any) -> torch.Tensor | None:
+        """The GradScaler's current scale, after checking its protocol state."""
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            return None
+        record = grad_scaler._per_optimizer_states[id(self)]
+        if record["stage"] is OptState.UNSCALED:
+            raise RuntimeError(
+                "scaler.unscale_(opt) was called on an AccumOptimizer: it unscaled a "
+                ".grad that holds several micro-steps. AccumOptimizer unscales once per "
+                "update itself; clip with its `clipnorm`/`global_clipnorm` instead."
+            )
+        return grad_scaler._scale
+
+    def _raise_if_nonfinite(self, grads: list, w: float) -> None:
+        if not grads:
+            return
+        max_abs = _max_abs(grads, grads[0].device)
+        # `w * max|g|` is finite iff every `w * g` is (and every g, for w > 0;
+        # for w == 0, inf * 0 = nan catches a non-finite g too).
+        if not bool(torch.isfinite(max_abs * w).all()):
+            raise FloatingPointError(
+                f"on_nonfinite='raise': non-finite gradient at micro-step "
+                f"{self._micro_steps + 1} (window position {self._window_steps + 1} "
+                f"of {self.merge_grad}); nothing was accumulated."
+            )
+
+    def _accumulate(self, params: list, w: float) -> None:
+        """Moves this micro-step's `w * .grad` into the side buffers (if any)."""
+        pairs = []
+        for p in params:
+            if p.grad is None or not self._buffered(p):
+                continue  # In `.grad` mode autograd has already accumulated.
+            state = self.state[p]
+            buf = state.get("accumulator")
+            if buf is None:
+                buf = state["accumulator"] = torch.zeros_like(
+                    p, dtype=self._acc_dtype or p.dtype, memory_format=torch.preserve_format
+                )
+            pairs.append((buf, p.grad))
+            self._touched.add(p)
+            p.grad = None  # The buffer holds it now; the next backward starts afresh.
+        if not pairs:
+            return
+        groups: dict = {}
+        for buf, g in pairs:
+            groups.setdefault((buf.device, buf.dtype, g.dtype), []).append((buf, g))
+        for group in groups.values():
+            bufs, gs = zip(*group)
+            torch._foreach_add_(list(bufs), list(gs), alpha=w)
+
+    # ------------------------------------------------------------------ update
+    def _merged(self, params: list) -> tuple[list, list]:
+        """The window's accumulators and their parameters (seen ones only)."""
+        tensors, owners = [], []
+        for p in params:
+            if self._buffered(p):
+                if p in self._touched:
+                    tensors.append(self.state[p]["accumulator"])
+                    owners.append(p)
+            elif p.grad is not None:
+                tensors.append(p.grad)
+                owners.append(p)
+        return tensors, owners
+
+    def _close_window(self, params: list, grad_scaler: Any = None) -> torch.Tensor:
+        """Merge, check, clip, one inner step, EMA, reset. Returns found_inf (0./1.)."""
+        cfg = self._config
+        merged, owners = self._merged(params)
+        device = (
+            self._window_scale.device
+            if self._window_scale is not None
+            else (merged[0].device if merged else params[0].device)
+        )
+        divisor = self._window_weight if cfg.reduction == "mean" else 1.0
+        if self._window_scale is not None:
+            # Scales are powers of two, so dividing by scale * W in one pass is
+            # the same as unscaling, then dividing by W.
+            divisor = self._window_scale * divisor
+        if merged and not (isinstance(divisor, float) and divisor == 1.0):
+            for (dev, _), idx in _by_device_and_dtype(merged).items():
+                d = divisor.to(dev) if isinstance(divisor, torch.Tensor) else divisor
+                torch._foreach_div_([merged[i] for i in idx], d)
+
+        norms = _norms(merged)
+        total = _global_norm(norms, device)
+        self._last_grad_norm = total
+        check = cfg.on_nonfinite == "skip" or self._window_scale is not None
+        skip = check and self._is_nonfinite(merged, norms, total, grad_scaler)
+        if skip:
+            self._skipped_updates += 1
+        else:
+            self._clip(merged, norms, total, device)
+            for t, p in zip(merged, owners):
+                if self._buffered(p):
+                    p.grad = t.to(dtype=p.dtype, copy=True)
+            self.inner_optimizer.step()
+            self._iterations += 1
+            if cfg.use_ema:
+                self._update_ema(params)
+        self._reset_window(params, discard_grads=skip)
+        return torch.full((), float(skip), dtype=torch.float32, device=device)
+
+    def _is_nonfinite(self, merged, norms, total, grad_scaler) -> bool:
+        """Whether the merged window holds an inf/nan (one host sync)."""
+        bad = ~torch.isfinite(total)
+        scale_moved = None
+        if grad_scaler is not None and self._window_scale is not None:
+            # A safety net: our gate keeps the scale fixed inside a window, but
+            # a scaler shared with an optimizer stepping every micro-step, or a
+            # manual update(new_scale), moves it, and the window then mixes
+            # scales: discard it rather than apply it.
+            scale_moved = grad_scaler._scale.to(total.device) != self._window_scale
+            bad = bad | scale_moved
+        if not bool(bad):
+            return False
+        if scale_moved is not None and bool(scale_moved):
+            return True
+        # The L2 norm may overflow while every element is finite: look at the
+        # tensors whose norm is not finite, exactly (rare path).
+        finite = torch.isfinite(_stack(norms, total.device)).tolist()
+        suspects = [t for t, ok in zip(merged, finite) if not ok]
+        if not suspects:
+            return False  # Only the sum of squares overflowed.
+        return not bool(torch.isfinite(_max_abs(suspects, total.device)).all())
+
+    def _clip(self, merged: list, norms: list, total: torch.Tensor, device) -> None:
+        cfg = self._config
+        if not merged or not cfg.clips:
+            return
+        groups = _by_device_and_dtype(merged).values()
+        if cfg.clipvalue is not None:
+            for idx in groups:
+                ts = [merged[i] for i in idx]
+                torch._foreach_clamp_min_(ts, -cfg.clipvalue)
+                torch._foreach_clamp_max_(ts, cfg.clipvalue)
+            norms = _norms(merged)  # Norm clipping sees the value-clipped gradient.
+            total = _global_norm(norms, device)
+        if cfg.clipnorm is not None:
+            c = cfg.clipnorm
+            for t, n in zip(merged, norms):
+                t.mul_((c / torch.clamp(n, min=c)).to(t.dtype))
+        elif cfg.global_clipnorm is not None:
+            c = cfg.global_clipnorm
+            factor = c / torch.clamp(total, min=c)
+            for (dev, dtype), idx in _by_device_and_dtype(merged).items():
+                torch._foreach_mul_([merged[i] for i in idx], factor.to(dev, dtype))
+
+    def _reset_window(self, params: list, discard_grads: bool) -> None:
+        """Resets by assignment, never by subtraction (one inf must not leak on)."""
+        for p in self._touched:
+            self.state[p]["accumulator"].zero_()
+        self._touched.clear()
+        if discard_grads:
+            # A skipped window: its sum in `.grad` goes (zero_grad() would too).
+            for p in params:
+                p.grad = None
+        self._window_steps = 0
+        self._window_weight = 0.0
+        self._window_scale = None
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Applies the open window now, with its true divisor (`window_weight`).
+
+        Call it after the last `step()` of an epoch (or of training) when the
+        number of micro-batches is not a multiple of `merge_grad`; until then
+        the open window stays in `.grad`/the buffers and in `state_dict()`.
+        A flushed update counts like any other (`iterations`, schedulers,
+        EMA); under a GradScaler the window is unscaled with the scale it was
+        accumulated at.
+
+        Returns:
+            True if a window was applied (or skipped by the non-finite
+            policy); False, with nothing changed, if the window was empty.
+        """
+        if self._window_steps == 0:
+            return False
+        self._close_window(self._params())
+        return True
+
+    @torch.compiler.disable
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears `.grad`, but only when no window is open.
+
+        Inside a window `.grad` holds the micro-steps summed so far (default
+        mode), so the call does nothing; after an update (or before the first
+        micro-step) it clears as `torch.optim.Optimizer.zero_grad` does. Use
+        this, not `model.zero_grad()`, which would drop the open window.
+        """
+        if self._window_steps > 0:
+            return
+        super().zero_grad(set_to_none=set_to_none)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
+        """`model.no_sync()` when the next `step()` does not update, else a null context.
+
+        Wrap the forward and backward of each micro-step with it under DDP (or
+        FSDP): the all-reduce then runs once per window, on the summed
+        `.grad`. With side buffers (`accumulator_dtype` other than the
+        parameter dtype, or micro-step weights) every micro-step must
+        all-reduce, so this is a null context.
+
+        Example:
+
+        ```python
+        with opt.no_sync(ddp_model):
+            loss_fn(ddp_model(x), y).backward()
+        opt.step()
+        ```
+        """
+        if (
+            self.next_step_updates
+            or not hasattr(model, "no_sync")
+            or self._uses_side_buffers()
+        ):
+            yield
+            return
+        with model.no_sync():
+            self._unreduced = True
+            yield
+
+    # --------------------------------------------------------------------- EMA
+    def _update_ema(self, params: list) -> None:
+        """`ema = m * ema + (1 - m) * p` after an update (`iterations` already stepped)."""
+        cfg = self._config
+        m = _core.ema_decay(self._iterations - 1, cfg.ema_momentum, cfg.ema_warmup)
+        groups: dict = {}
+        for p in params:
+            state = self.state[p]
+            ema = state.get("ema")
+            if ema is None or m == 0.0:
+                # The first update (or a parameter added since): a copy.
+                state["ema"] = p.detach().to(
+                    dtype=torch.promote_types(p.dtype, torch.float32), copy=True
+                )
+                continue
+            groups.setdefault((p.device, p.dtype, ema.dtype), []).append((ema, p))
+        for (_, p_dtype, ema_dtype), pairs in groups.items():
+            emas = [e for e, _ in pairs]
+            ps = [p.detach() if p_dtype == ema_dtype else p.detach().to(ema_dtype) for _, p in pairs]
+            torch._foreach_lerp_(emas, ps, 1.0 - m)
+        f = cfg.ema_overwrite_frequency
+        if f is not None and self._iterations % f == 0:
+            for p in params:
+                p.copy_(self.state[p]["ema"])
+
+    def _require_ema(self, what: str) -> None:
+        # The same message as the Keras side.
+        if not self.use_ema:
+            raise ValueError(f"`{what}` needs `use_ema=True`. Received: use_ema=False")
+
+    @torch.no_grad()
+    def swap_in_ema(self) -> None:
+        """Copies the EMA into the parameters, keeping the raw ones bit-exactly.
+
+        Idempotent. Parameters without an EMA yet (before the first update)
+        keep their values. Buffers are not touched.
+        """
+        self._require_ema("swap_in_ema")
+        if self._ema_backup is not None:
+            return
+        pairs = [(p, self.state.get(p, {}).get("ema")) for p in self._params()]
+        pairs = [(p, e) for p, e in pairs if e is not None]
+        self._ema_backup = [(p, p.detach().clone()) for p, _ in pairs]
+        for p, e in pairs:
+            p.copy_(e)
+
+    @torch.no_grad()
+    def swap_out_ema(self) -> None:
+        """Puts the raw parameters back (copies); a no-op if not swapped in."""
+        self._require_ema("swap_out_ema")
+        if self._ema_backup is None:
+            return
+        for p, raw in self._ema_backup:
+            p.copy_(raw)
+        self._ema_backup = None
+
+    @contextlib.contextmanager
+    def swap_ema_weights(self) -> Iterator[AccumOptimizer]:
+        """Context manager: the parameters hold their EMA inside, the raw values after.
+
+        Swapping is by copies, so the raw parameters come back bit-exactly;
+        it costs one copy of the parameters while inside.
+
+        Example:
+
+        ```python
+        with opt.swap_ema_weights():
+            evaluate(model)
+        ```
+        """
+        self.swap_in_ema()
+        try:
+            yield self
+        finally:
+            self.swap_out_ema()
+
+    @torch.no_grad()
+    def finalize_variable_values(self) -> None:
+        """Writes the EMA into the parameters for good (no-op without EMA)."""
+        if not self.use_ema:
+            return
+        if self._ema_backup is not None:
+            self.swap_out_ema()
+        for p in self._params():
+            ema = self.state.get(p, {}).get("ema")
+            if ema is not None:
+                p.copy_(ema)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state nested with this one's.
+
+        Layout (tensors, numbers, strings, lists and dicts only, so
+        `torch.load(weights_only=True)` reads it):
+
+        * `state`, `param_groups`: this optimizer's per-parameter state
+          (`"ema"`, `"accumulator"`) and the shared groups, as torch packs
+          them. A window summed in `.grad` is saved here as `"accumulator"`
+          (`.grad` is in no state dict, and losing it would change the run).
+        * `inner`: `inner_optimizer.state_dict()`.
+        * `accum`: format version, state signature, config, counters, the
+          open window's weight sum, scale and seen parameters.
+
+        Save between micro-steps (after `step()`), as with any optimizer.
+        """
+        sd = super().state_dict()
+        params = self._params()
+        if self._window_steps > 0:
+            for i, p in enumerate(params):
+                if not self._buffered(p) and p.grad is not None:
+                    # A new dict: the packed state shares its dicts with self.state.
+                    sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": p.grad}
+        sd["inner"] = self.inner_optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(params)}
+        sd["accum"] = {
+            "format_version": _core.FORMAT_VERSION,
+            "signature": dict(self._signature),
+            "config": self._config.to_dict(),
+            "iterations": torch.tensor(self._iterations, dtype=torch.int64),
+            "micro_steps": torch.tensor(self._micro_steps, dtype=torch.int64),
+            "skipped_updates": torch.tensor(self._skipped_updates, dtype=torch.int64),
+            "window_steps": torch.tensor(self._window_steps, dtype=torch.int64),
+            "window_weight": torch.tensor(self._window_weight, dtype=torch.float64),
+            "weighted": self._weighted,
+            "touched": sorted(index[id(p)] for p in self._touched),
+            "window_scale": self._window_scale,
+            "last_grad_norm": self._last_grad_norm,
+        }
+        return sd
+
+    @torch.compiler.disable
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads `state_dict()` output; raises, changing nothing, on a mismatch.
+
+        Per-parameter tensors keep their saved dtype (torch's own loader
+        would cast a float32 accumulator or EMA of a bfloat16 parameter to
+        bfloat16); a window saved from `.grad` is put back into `.grad`; the
+        param groups are shared with the inner optimizer again.
+
+        Raises:
+            ValueError: the state was not saved by an AccumOptimizer, was
+                saved by a differently configured one (another `merge_grad`,
+                `reduction`, `accumulator_dtype`, `use_ema` or inner class),
+                or does not fit the parameters.
+        """
+        accum = state_dict.get("accum") if isinstance(state_dict, dict) else None
+        if not isinstance(accum, dict) or "signature" not in accum or "inner" not in state_dict:
+            raise ValueError(
+                "Cannot load optimizer state into AccumOptimizer: it was not saved by an "
+                "AccumOptimizer (no 'accum' section; nothing was loaded). To load a plain "
+                "optimizer's state, use `opt.inner_optimizer.load_state_dict(...)`."
+            )
+        _core.check_state_signature(accum["signature"], self._signature)
+        params = self._params()
+        self._check_fits(state_dict, params)
+
+        saved_own = {i: dict(s) for i, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        self.inner_optimizer.load_state_dict(state_dict["inner"])
+        # Both loads built new param_groups lists (traps.md): share the inner
+        # optimizer's again (its __setstate__ also filled in its defaults),
+        # or a scheduler on this optimizer would stop reaching the inner LR.
+        self.param_groups = self.inner_optimizer.param_groups
+
+        self._iterations = int(accum["iterations"])
+        self._micro_steps = int(accum["micro_steps"])
+        self._skipped_updates = int(accum["skipped_updates"])
+        self._window_steps = int(accum["window_steps"])
+        self._window_weight = float(accum["window_weight"])
+        self._weighted = bool(accum["weighted"])
+        self._touched = {params[i] for i in accum["touched"]}
+        scale = accum.get("window_scale")
+        self._window_scale = None if scale is None else scale.detach().clone()
+        norm = accum.get("last_grad_norm")
+        self._last_grad_norm = None if norm is None else norm.detach().clone()
+        self._ema_backup = None
+        self._unreduced = False
+
+        for i, p in enumerate(params):
+            saved = saved_own.get(i, {})
+            state = self.state[p]
+            if "ema" in saved:
+                state["ema"] = saved["ema"].to(device=p.device, copy=True)
+            acc = saved.get("accumulator")
+            if self._buffered(p):
+                if acc is not None:
+                    state["accumulator"] = acc.to(device=p.device, copy=True)
+            else:
+                state.pop("accumulator", None)
+                with torch.no_grad():
+                    p.grad = None if acc is None else acc.to(p.device, p.dtype, copy=True)
+            if not state:
+                self.state.pop(p, None)
+
+    def _check_fits(self, state_dict: dict, params: list) -> None:
+        """Checks group sizes and per-parameter shapes before anything is loaded."""
+
+        def sizes(groups):
+            return [len(g["params"]) for g in groups]
+
+        ours = sizes(self.param_groups)
+        for where, groups in (
+            ("param_groups", state_dict["param_groups"]),
+            ("inner param_groups", state_dict["inner"]["param_groups"]),
+        ):
+            if sizes(groups) != ours:
+                raise ValueError(
+                    "Cannot load optimizer state: its "
+                    f"{where} hold {sizes(groups)} parameters, this optimizer's {ours} "
+                    "(nothing was loaded)."
+                )
+        for i, saved in state_dict["state"].items():
+            if not (isinstance(i, int) and 0 <= i < len(params)):
+                raise ValueError(
+                    f"Cannot load optimizer state: unknown parameter index {i!r} "
+                    "(nothing was loaded)."
+                )
+            for key in ("ema", "accumulator"):
+                t = saved.get(key)
+                if t is not None and tuple(t.shape) != tuple(params[i].shape):
+                    raise ValueError(
+                        f"Cannot load optimizer state: parameter {i} has shape "
+                        f"{tuple(params[i].shape)}, its saved {key!r} {tuple(t.shape)} "
+                        "(nothing was loaded)."
+                    )
+        accum = state_dict["accum"]
+        if any(not (isinstance(i, int) and 0 <= i < len(params)) for i in accum["touched"]):
+            raise ValueError(
+                "Cannot load optimizer state: its open window names unknown "
+                "parameters (nothing was loaded)."
+            )

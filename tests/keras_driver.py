@@ -1,0 +1,45 @@
+"""Runs the framework-free streams of `cases.py` through the Keras optimizer."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_accum import AccumOptimizer
+
+
+def make_variables(params, dtype="float32"):
+    return [keras.Variable(np.array(p), dtype=dtype, name=f"v{i}") for i, p in enumerate(params)]
+
+
+def to_tensors(grads, dtype="float32"):
+    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+
+
+def run_stream(opt, variables, stream, flush=False, use_weights=True, compiled=None):
+    """Feeds `stream` (list of (grads, weight)) through `opt`, one micro-step each.
+
+    compiled: None to call `apply` as is (eager, jitted by the optimizer), or
+        "function" to call it inside a user's `tf.function`.
+    """
+    def step(grads, weight):
+        opt.apply(grads, variables, weight=weight)
+
+    if compiled == "function":
+        # As in a user's loop: the variables are captured, not passed in.
+        step = tf.function(step)
+    for grads, weight in stream:
+        w = weight if use_weights and weight != 1.0 else None
+        step(to_tensors(grads, variables[0].dtype), w)
+    if flush:
+        opt.flush()
+    return [np.array(v.numpy()) for v in variables]
+
+
+def replay_inner(inner, variables, handed):
+    """Applies each handed-on merged gradient list through a plain Keras optimizer."""
+    for grads in handed:
+        pairs = [(tf.constant(g), v) for g, v in zip(grads, variables) if g is not None]
+        inner.apply_gradients(pairs)
+    return [np.array(v.numpy()) for v in variables]
