@@ -209,7 +209,7 @@ class AccumConfig:
     on_nonfinite: str = "skip"
 
     @classmethod
-    def create(cls, allow_none_dtype: bool = False, **kwargs) -> "AccumConfig":
+    def create(cls, allow_none_dtype: bool = False, **kwargs) -> AccumConfig:
         """Validates every argument, in signature order, and builds the config."""
         merge_grad = validate_merge_grad(kwargs.get("merge_grad", 1))
         reduction = validate_choice("reduction", kwargs.get("reduction", "mean"), REDUCTIONS)

@@ -6,8 +6,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_accum import AccumOptimizer
-
 
 def make_variables(params, dtype="float32"):
     return [keras.Variable(np.array(p), dtype=dtype, name=f"v{i}") for i, p in enumerate(params)]

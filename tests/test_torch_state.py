@@ -1,0 +1,239 @@
+"""AccumOptimizer.state_dict()/load_state_dict(): lockstep, fresh-process resume, refusals.
+
+As in torch's own test_optim: an optimizer restored from a mid-window state
+dict and the original run side by side and must agree bit for bit at every
+step; a resume in a fresh process must give the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from keras_accum.torch import AccumOptimizer
+
+# -- a small training set-up, rebuilt identically in a subprocess -------------------------
+
+CONFIGS = {
+    # Window in .grad, momentum state, EMA, a scheduler.
+    "grad_sgd_ema": dict(
+        dtype=torch.float32,
+        inner=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        kwargs=dict(merge_grad=3, use_ema=True, ema_momentum=0.8, global_clipnorm=1.0),
+        weighted=False,
+    ),
+    # bf16 parameters, float32 side buffers and EMA (both must stay float32).
+    "bf16_fp32_adamw": dict(
+        dtype=torch.bfloat16,
+        inner=lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+        kwargs=dict(merge_grad=4, accumulator_dtype=torch.float32, use_ema=True, ema_warmup=True),
+        weighted=False,
+    ),
+    # Per-micro-step weights: side buffers in the parameter dtype.
+    "weighted_adam": dict(
+        dtype=torch.float32,
+        inner=lambda ps: torch.optim.Adam(ps, lr=0.01),
+        kwargs=dict(merge_grad=3, clipvalue=0.5),
+        weighted=True,
+    ),
+}
+
+
+def _build(name: str):
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model.to(cfg["dtype"])
+    opt = AccumOptimizer(cfg["inner"](model.parameters()), **cfg["kwargs"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    return model, opt, sched
+
+
+def _micro_step(name: str, model, opt, sched, k: int) -> None:
+    """Micro-step `k` of the run: data and weight depend on `k` only."""
+    cfg = CONFIGS[name]
+    g = torch.Generator().manual_seed(100 + k)
+    x = torch.randn(5, 4, generator=g).to(cfg["dtype"])
+    y = torch.randn(5, 2, generator=g).to(cfg["dtype"])
+    torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+    opt.step(weight=float(1 + k % 3) if cfg["weighted"] else None)
+    sched.step()
+    opt.zero_grad()
+
+
+def _load(buffer_or_path):
+    # Users load with torch.load's defaults: weights_only=True.
+    return torch.load(buffer_or_path, weights_only=True)
+
+
+def resume_in_this_process(name: str, path_in: str, path_out: str, start: int, stop: int):
+    """The subprocess half of the fresh-process resume (called by name)."""
+    model, opt, sched = _build(name)
+    saved = _load(path_in)
+    model.load_state_dict(saved["model"])
+    sched.load_state_dict(saved["sched"])
+    opt.load_state_dict(saved["opt"])
+    for k in range(start, stop):
+        _micro_step(name, model, opt, sched, k)
+    torch.save({"params": [p.detach() for p in model.parameters()], "opt": opt.state_dict()}, path_out)
+
+
+def _save_bytes(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+# -- lockstep ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_restored_optimizer_runs_in_lockstep(name):
+    model, opt, sched = _build(name)
+    for k in range(5):  # stops mid-window for every config
+        _micro_step(name, model, opt, sched, k)
+    assert opt.window_steps > 0
+    saved = _load(_save_bytes({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}))
+
+    model2, opt2, sched2 = _build(name)
+    model2.load_state_dict(saved["model"])  # weights only: .grad is not in it
+    sched2.load_state_dict(saved["sched"])
+    opt2.load_state_dict(saved["opt"])
+
+    assert opt2.param_groups is opt2.inner_optimizer.param_groups
+    assert (opt2.iterations, opt2.micro_steps, opt2.window_steps) == (
+        opt.iterations,
+        opt.micro_steps,
+        opt.window_steps,
+    )
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for key, value in opt.state.get(p, {}).items():
+            # torch's loader would cast these to bf16; they must stay float32.
+            assert opt2.state[p2][key].dtype == value.dtype
+            assert torch.equal(opt2.state[p2][key], value)
+        if p.grad is None:
+            assert p2.grad is None
+        else:
+            assert torch.equal(p2.grad, p.grad)
+
+    for k in range(5, 15):
+        _micro_step(name, model, opt, sched, k)
+        _micro_step(name, model2, opt2, sched2, k)
+        for p, p2 in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p, p2), f"differs after micro-step {k}"
+            for key, value in opt.state.get(p, {}).items():
+                assert torch.equal(opt2.state[p2][key], value)
+        assert opt2.inner_optimizer.param_groups[0]["lr"] == opt.inner_optimizer.param_groups[0]["lr"]
+    assert opt.iterations >= 3
+    # The scheduler on the restored wrapper still drives the inner LR (traps.md).
+    assert opt2.inner_optimizer.param_groups[0]["lr"] == pytest.approx(0.9**opt.iterations * opt.inner_optimizer.defaults["lr"])
+
+
+# -- fresh-process resume --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grad_sgd_ema", "bf16_fp32_adamw"])
+def test_resume_in_fresh_process_is_bit_identical(name, tmp_path):
+    start, stop = 7, 13  # save after micro-step 7: mid-window for both
+    model, opt, sched = _build(name)
+    for k in range(start):
+        _micro_step(name, model, opt, sched, k)
+    assert opt.window_steps > 0
+    path_in, path_out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path_in)
+    for k in range(start, stop):
+        _micro_step(name, model, opt, sched, k)
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {tests_dir!r}); import test_torch_state as t; "
+        f"t.resume_in_this_process({name!r}, {path_in!r}, {path_out!r}, {start}, {stop})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    resumed = _load(path_out)
+    for p, q in zip(model.parameters(), resumed["params"]):
+        assert torch.equal(p.detach(), q)
+    mine = opt.state_dict()
+    for i, s in mine["state"].items():
+        for key, value in s.items():
+            assert torch.equal(resumed["opt"]["state"][i][key], value)
+    assert int(resumed["opt"]["accum"]["iterations"]) == opt.iterations
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def _small(inner=torch.optim.SGD, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = AccumOptimizer(inner(model.parameters(), lr=0.1), **kwargs)
+    return model, opt
+
+
+def _one_micro_step(model, opt):
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "saved_kwargs,loader_kwargs,loader_inner,message",
+    [
+        (dict(merge_grad=4), dict(merge_grad=2), torch.optim.SGD, "merge_grad: saved 4, this optimizer 2"),
+        (dict(merge_grad=2), dict(merge_grad=2, reduction="sum"), torch.optim.SGD, "reduction"),
+        (dict(merge_grad=2), dict(merge_grad=2, accumulator_dtype="float64"), torch.optim.SGD, "accumulator_dtype"),
+        (dict(merge_grad=2), dict(merge_grad=2, use_ema=True), torch.optim.SGD, "use_ema"),
+        (dict(merge_grad=2), dict(merge_grad=2), torch.optim.Adam, "inner_optimizer: saved 'SGD'"),
+    ],
+)
+def test_loading_differently_configured_state_raises_and_changes_nothing(
+    saved_kwargs, loader_kwargs, loader_inner, message
+):
+    model, opt = _small(**saved_kwargs)
+    _one_micro_step(model, opt)
+    saved = copy.deepcopy(opt.state_dict())
+    model2, opt2 = _small(loader_inner, **loader_kwargs)
+    _one_micro_step(model2, opt2)
+    grads = [None if p.grad is None else p.grad.clone() for p in model2.parameters()]
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match="differently configured AccumOptimizer") as error:
+        opt2.load_state_dict(saved)
+    assert message in str(error.value)
+    assert opt2.micro_steps == 1 and opt2.window_steps == 1
+    for p, g in zip(model2.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    after = opt2.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, s in before["state"].items():
+        for key, value in s.items():
+            assert torch.equal(after["state"][i][key], value)
+
+
+def test_loading_a_plain_optimizer_state_raises():
+    model, opt = _small(merge_grad=2)
+    with pytest.raises(ValueError, match="not saved by an AccumOptimizer"):
+        opt.load_state_dict(opt.inner_optimizer.state_dict())
+
+
+def test_loading_state_of_other_parameters_raises():
+    _, opt = _small(merge_grad=2)
+    saved = opt.state_dict()
+    other = AccumOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), merge_grad=2)
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        other.load_state_dict(saved)
+
+
+def test_clipping_and_ema_momentum_may_change_between_save_and_resume():
+    model, opt = _small(merge_grad=2, use_ema=True, ema_momentum=0.9)
+    _one_micro_step(model, opt)
+    model2, opt2 = _small(merge_grad=2, use_ema=True, ema_momentum=0.5, clipnorm=1.0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.window_steps == 1 and opt2.config.clipnorm == 1.0
