@@ -596,9 +596,10 @@ class AccumOptimizer(keras.optimizers.Optimizer):
     def swap_in_ema(self):
         """Puts the EMA into the model's variables, keeping the raw weights bit-exactly.
 
-        Idempotent. The optimizer records the swap in its state, so a model
-        saved while swapped resumes training from its raw weights: the next
-        micro-step (or `swap_out_ema`) puts them back first.
+        Idempotent. The swap is recorded in the optimizer's state, so a model
+        saved to a `.keras` file while swapped resumes training from its raw
+        weights (loading puts them back). After restoring a
+        `tf.train.Checkpoint` written while swapped, call `swap_out_ema()`.
         """
         self._require_ema("swap_in_ema")
         if int(self._ema_swapped.numpy()):
@@ -693,6 +694,12 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 )
         for v, value in zip(variables, values):
             v.assign(value)
+        # Saved while the EMA was swapped in: the model's weights just loaded
+        # are the EMA, the raw ones sit in our state. Keras loads the model's
+        # weights before its optimizer's, so put the raw ones back now and
+        # training resumes from them.
+        if self.use_ema:
+            self._restore_raw_weights()
 
     def get_config(self):
         config = {

@@ -78,6 +78,9 @@ def _gate_scheduler_step(step):
         finally:
             self.__dict__.pop(_IN_STEP_ATTR, None)
 
+    # Never traced: reading the owner's update count would put a guard on it,
+    # and torch.compile would recompile the caller at every update.
+    gated_step = torch.compiler.disable(gated_step)
     gated_step._keras_accum_gated = True
     return gated_step
 

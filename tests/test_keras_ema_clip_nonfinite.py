@@ -1,0 +1,658 @@
+"""EMA of weights, clipping and the non-finite policy of the Keras AccumOptimizer.
+
+Issue #3, against the NumPy oracle in `reference.py` (semantics.md points 7 to
+11): the EMA moves after updates only, the first update copies, the shadows
+are float32, `ema_overwrite_frequency` and `finalize_variable_values` write it
+into the model, swapping it in and out (context manager and callback) is
+bit-exact; clipping acts once per update on the merged gradient;
+`on_nonfinite` "skip", "raise" and "ignore" at every position of a window.
+
+Keras's SGD writes momentum as `m = mu * m - lr * g; w = w + m`, the oracle in
+torch's form: equal up to float32 rounding, hence rtol=1e-5/atol=1e-6.
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.py)
+    import cases
+    import reference as ref
+except ImportError:  # tests/ as a package
+    from tests import cases
+    from tests import reference as ref
+
+import keras_accum
+from keras_accum import AccumOptimizer
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _variables(params, dtype="float32"):
+    return [keras.Variable(np.array(p), dtype=dtype, name=f"v{i}") for i, p in enumerate(params)]
+
+
+def _tensors(grads, dtype="float32"):
+    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+
+
+def _values(variables):
+    return [np.array(v.numpy(), dtype=np.float32) for v in variables]
+
+
+def _ema(opt):
+    return [np.array(e.numpy()) for e in opt.ema_variables]
+
+
+def _close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what}[{i}]")
+
+
+def _same(actual, expected, what=""):
+    """Bit-exact equality (NaN equal to NaN)."""
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        np.testing.assert_array_equal(a, e, err_msg=f"{what}[{i}]")
+
+
+def _assert_matches_oracle(opt, variables, oracle, what=""):
+    """Params, EMA, counters and last_grad_norm against the oracle."""
+    _close(_values(variables), oracle.params, what=f"{what} params")
+    assert int(opt.iterations.numpy()) == oracle.iterations, what
+    assert int(opt.micro_steps.numpy()) == oracle.micro_steps, what
+    assert int(opt.skipped_updates.numpy()) == oracle.skipped_updates, what
+    assert int(opt.window_steps.numpy()) == oracle.window_steps, what
+    if oracle.last_grad_norm is not None:
+        np.testing.assert_allclose(
+            float(opt.last_grad_norm.numpy()), oracle.last_grad_norm, RTOL, ATOL, err_msg=what
+        )
+    # Before the first update the shadows have no meaning yet (the first update copies).
+    if oracle.use_ema and oracle.iterations > 0:
+        _close(_ema(opt), oracle.ema, what=f"{what} ema")
+
+
+def _stepper(opt, variables, mode):
+    """One micro-step function: eager (jitted or not by the optimizer) or in a user's tf.function."""
+    if mode == "function":
+        # Keras variables cannot be tf.function arguments: close over them.
+        @tf.function
+        def step(grads, weight=None):
+            opt.apply(grads, variables, weight=weight)
+
+        return step
+    return lambda grads, weight=None: opt.apply(grads, variables, weight=weight)
+
+
+def _make_model(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)]
+    )
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, 5)).astype(np.float32),
+        rng.standard_normal((n, 2)).astype(np.float32),
+    )
+
+
+def _np_predict(weights, x):
+    k1, b1, k2, b2 = weights
+    return np.tanh(x @ k1 + b1) @ k2 + b2
+
+
+def _train_on_batches(model, x, y, n_batches, batch_size=8):
+    for k in range(n_batches):
+        model.train_on_batch(x[k * batch_size : (k + 1) * batch_size], y[k * batch_size : (k + 1) * batch_size])
+
+
+# -- the oracle, in lockstep ----------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
+@pytest.mark.parametrize("case", cases.CASES, ids=[c.id for c in cases.CASES])
+def test_lockstep_with_oracle(case, momentum):
+    """Every micro-step: params, EMA, counters, last_grad_norm equal the oracle's.
+
+    Eager (`jit_compile=False`); `test_keras_xla_mixed.py` checks that the
+    jitted step gives the same numbers. With EMA, the shadows must not move on
+    the micro-steps between updates (bit-exact).
+    """
+    params = cases.make_params()
+    stream = cases.make_stream(case)
+    variables = _variables(params)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=momentum), jit_compile=False, **case.kwargs
+    )
+    oracle = ref.RefAccum(params, ref.RefSGD(0.1, momentum), **case.kwargs)
+    use_ema = oracle.use_ema
+    previous_ema = None
+    for k, (grads, weight) in enumerate(stream):
+        closed = oracle.step(grads, weight)
+        opt.apply(_tensors(grads), variables, weight=None if case.weights is None else weight)
+        _assert_matches_oracle(opt, variables, oracle, what=f"micro-step {k + 1}")
+        if use_ema:
+            ema = _ema(opt)
+            assert all(e.dtype == np.float32 for e in ema)
+            if previous_ema is not None and not closed:
+                _same(ema, previous_ema, what=f"EMA moved on non-update micro-step {k + 1}")
+            previous_ema = ema
+    if case.flush_at_end:
+        assert oracle.flush() is True
+        assert opt.flush() is True
+        _assert_matches_oracle(opt, variables, oracle, what="after flush")
+    assert oracle.iterations == case.n_updates  # the table row means what it says
+
+
+# -- EMA ------------------------------------------------------------------------
+
+
+def test_ema_first_update_copies_then_moves_after_updates_only():
+    # w0 = 1, SGD(lr=1), merge_grad=2, m = 0.5, mean reduction.
+    v = keras.Variable(np.array([1.0], np.float32))
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(1.0), merge_grad=2, use_ema=True, ema_momentum=0.5, jit_compile=False
+    )
+    expected = [
+        # (grad, weight after, ema after)
+        (1.0, 1.0, None),  # micro-step: nothing moves
+        (3.0, -1.0, -1.0),  # update 1: w = 1 - (1+3)/2 = -1; first update copies: ema = -1
+        (0.5, -1.0, -1.0),  # micro-step: EMA stays
+        (1.5, -2.0, -1.5),  # update 2: w = -1 - 1 = -2; ema = 0.5*-1 + 0.5*-2 = -1.5
+        (4.0, -2.0, -1.5),  # micro-step: EMA stays
+    ]
+    for g, w_after, ema_after in expected:
+        opt.apply_gradients([(tf.constant([g]), v)])
+        np.testing.assert_array_equal(v.numpy(), [w_after])
+        if ema_after is not None:
+            np.testing.assert_array_equal(opt.ema_variables[0].numpy(), [ema_after])
+    assert opt.ema_variables[0].dtype == "float32"
+
+
+@pytest.mark.parametrize("frequency", [1, 2, 3])
+def test_ema_overwrite_frequency_overwrites_right_after_every_fth_update(frequency):
+    params = cases.make_params()
+    variables = _variables(params)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        merge_grad=2,
+        use_ema=True,
+        ema_momentum=0.5,
+        ema_overwrite_frequency=frequency,
+        jit_compile=False,
+    )
+    stream = cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=12))
+    for k, (grads, _) in enumerate(stream):
+        opt.apply(_tensors(grads), variables)
+        update = (k + 1) // 2 if (k + 1) % 2 == 0 else None
+        # Update 1 copies the weights into the EMA anyway: look from update 2 on.
+        if update is None or update < 2:
+            continue
+        equal = all(np.array_equal(w, e) for w, e in zip(_values(variables), _ema(opt)))
+        assert equal == (update % frequency == 0), f"update {update}"
+    assert int(opt.iterations.numpy()) == 6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_finalize_variable_values_writes_the_ema(dtype):
+    variables = _variables(cases.make_params(), dtype)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1), merge_grad=2, use_ema=True, ema_momentum=0.5, jit_compile=False
+    )
+    for grads, _ in cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=6)):
+        opt.apply(_tensors(grads, dtype), variables)
+    raw = _values(variables)
+    ema = _ema(opt)
+    assert all(e.dtype == np.float32 for e in ema)
+    assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))  # the test means something
+    opt.finalize_variable_values(variables)
+    expected = [np.array(tf.cast(tf.cast(e, dtype), "float32")) for e in ema]
+    _same(_values(variables), expected, what="finalized weights")
+
+
+# -- clipping -------------------------------------------------------------------
+
+# Two variables a, b of shape (2,); merge_grad=2, mean; SGD(lr=1) from zeros, so
+# the weights after one update are minus the clipped merged gradient. Each row
+# is worked out by hand, and per-micro-step clipping would give another answer.
+CLIP_CASES = [
+    # merged a = ([3, 0.2] + [-1, 0]) / 2 = [1, 0.1] -> clipvalue 0.5 -> [0.5, 0.1]
+    # (per micro-step: ([0.5, 0.2] + [-0.5, 0]) / 2 = [0, 0.1]); norm sqrt(1 + 0.01).
+    pytest.param(
+        {"clipvalue": 0.5},
+        [([3.0, 0.2], [0.0, 0.0]), ([-1.0, 0.0], [0.0, 0.0])],
+        ([-0.5, -0.1], [0.0, 0.0]),
+        np.sqrt(1.0 + 0.01),
+        id="clipvalue",
+    ),
+    # merged a = [3, 4] (norm 5) -> clipnorm 1 -> [0.6, 0.8]; b = [0, 0.5] (norm 0.5) untouched.
+    # Per micro-step: a = ([0.6, 0.8] + 0) / 2 = [0.3, 0.4].
+    pytest.param(
+        {"clipnorm": 1.0},
+        [([6.0, 8.0], [0.0, 1.0]), ([0.0, 0.0], [0.0, 0.0])],
+        ([-0.6, -0.8], [0.0, -0.5]),
+        np.sqrt(25.0 + 0.25),
+        id="clipnorm",
+    ),
+    # merged a = [3, 0], b = [0, 4]: global norm 5 -> global_clipnorm 1 -> scale 0.2
+    # (per variable it would be [1, 0], [0, 1]).
+    pytest.param(
+        {"global_clipnorm": 1.0},
+        [([6.0, 0.0], [0.0, 8.0]), ([0.0, 0.0], [0.0, 0.0])],
+        ([-0.6, 0.0], [0.0, -0.8]),
+        5.0,
+        id="global_clipnorm",
+    ),
+    # clipvalue first: a = [3, -4] -> [1, -1], b = [0, 0]; then global norm sqrt(2) -> 1.
+    pytest.param(
+        {"clipvalue": 1.0, "global_clipnorm": 1.0},
+        [([6.0, -8.0], [0.0, 0.0]), ([0.0, 0.0], [0.0, 0.0])],
+        ([-(2**-0.5), 2**-0.5], [0.0, 0.0]),
+        5.0,
+        id="clipvalue_then_global_clipnorm",
+    ),
+    # Below the threshold nothing is clipped: merged a = [0.3, 0.4], norm 0.5 < 1.
+    pytest.param(
+        {"global_clipnorm": 1.0},
+        [([0.6, 0.8], [0.0, 0.0]), ([0.0, 0.0], [0.0, 0.0])],
+        ([-0.3, -0.4], [0.0, 0.0]),
+        0.5,
+        id="global_clipnorm_inactive",
+    ),
+]
+
+
+@pytest.mark.parametrize(("clip", "micro_grads", "expected", "norm"), CLIP_CASES)
+def test_clipping_acts_once_on_the_merged_gradient(clip, micro_grads, expected, norm):
+    variables = _variables([np.zeros(2, np.float32), np.zeros(2, np.float32)])
+    opt = AccumOptimizer(keras.optimizers.SGD(1.0), merge_grad=2, jit_compile=False, **clip)
+    for grads in micro_grads:
+        opt.apply(_tensors([np.array(g, np.float32) for g in grads]), variables)
+    _close(_values(variables), [np.array(e, np.float32) for e in expected])
+    # The norm of the merged gradient before clipping.
+    np.testing.assert_allclose(float(opt.last_grad_norm.numpy()), norm, rtol=RTOL)
+    assert int(opt.iterations.numpy()) == 1
+
+
+# -- non-finite gradients --------------------------------------------------------
+
+#: One clean window before the case's stream, so that momentum, EMA and the
+#: schedule have state that a bad window could disturb.
+_PREFIX = cases.make_stream(cases.AccumCase("prefix", merge_grad=4, n_micro=4), seed=7)
+
+
+def _lr_at(step):
+    """PiecewiseConstantDecay([1], [0.1, 0.05]): 0.1 at updates 0 and 1, then 0.05."""
+    return 0.1 if step <= 1 else 0.05
+
+
+def _nonfinite_optimizer(case, jit_compile):
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.05])
+    return AccumOptimizer(
+        keras.optimizers.SGD(schedule, momentum=0.9),
+        use_ema=True,
+        ema_momentum=0.5,
+        jit_compile=jit_compile,
+        **case.kwargs,
+    )
+
+
+def _oracle_step(oracle, grads):
+    oracle.inner.lr = _lr_at(oracle.iterations)  # the schedule sees the update count
+    return oracle.step(grads)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit", "function"])
+@pytest.mark.parametrize("case", cases.NONFINITE_CASES, ids=[c.id for c in cases.NONFINITE_CASES])
+def test_nonfinite_policy(case, mode):
+    """An inf or NaN at each position of a window, under each policy and each way of calling.
+
+    `mode`: "eager" (jit_compile=False), "jit" (the optimizer's own XLA step),
+    "function" (inside a user's tf.function, without XLA).
+    """
+    params = cases.make_params()
+    variables = _variables(params)
+    opt = _nonfinite_optimizer(case, jit_compile=mode == "jit")
+    oracle = ref.RefAccum(
+        params, ref.RefSGD(0.1, 0.9), use_ema=True, ema_momentum=0.5, **case.kwargs
+    )
+    step = _stepper(opt, variables, mode)
+    for grads, _ in _PREFIX:
+        _oracle_step(oracle, grads)
+        step(_tensors(grads))
+    _assert_matches_oracle(opt, variables, oracle, what="after the clean prefix window")
+    assert int(opt.iterations.numpy()) == 1
+
+    before = {
+        "weights": _values(variables),
+        "inner": [np.array(v.numpy()) for v in opt.inner_optimizer.variables],
+        "ema": _ema(opt),
+    }
+    stream = [g for g, _ in case.stream()]
+    bad = len(_PREFIX) + case.position + 1  # 1-based micro-step holding the inf/NaN
+
+    if case.on_nonfinite == "raise":
+        for k, grads in enumerate(stream):
+            if k == case.position:
+                with pytest.raises(FloatingPointError, match=rf"micro-step {bad}\b"):
+                    _oracle_step(oracle, grads)
+                if mode == "function":
+                    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+                        step(_tensors(grads))
+                    assert re.search(rf"micro-step\D*\b{bad}\b", str(info.value)), info.value
+                else:
+                    with pytest.raises(FloatingPointError, match=rf"micro-step {bad}\b"):
+                        step(_tensors(grads))
+                # Nothing of the bad micro-step was accumulated.
+                assert int(opt.micro_steps.numpy()) == bad - 1
+                _close(
+                    [np.array(a.numpy()) for a in opt._accumulators],
+                    oracle.accumulators,
+                    what="accumulators after the raise",
+                )
+                _assert_matches_oracle(opt, variables, oracle, what="after the raise")
+                continue  # the user drops the bad micro-batch and goes on
+            _oracle_step(oracle, grads)
+            step(_tensors(grads))
+        _assert_matches_oracle(opt, variables, oracle, what="end")
+        assert all(np.isfinite(w).all() for w in _values(variables))
+        return
+
+    window, rest = stream[: case.merge_grad], stream[case.merge_grad :]
+    for grads in window:
+        _oracle_step(oracle, grads)
+        step(_tensors(grads))
+    if case.on_nonfinite == "skip":
+        # The whole window is discarded: nothing moved, bit for bit.
+        _same(_values(variables), before["weights"], what="weights after a skipped window")
+        _same(
+            [np.array(v.numpy()) for v in opt.inner_optimizer.variables],
+            before["inner"],
+            what="inner optimizer state (momentum, iterations) after a skipped window",
+        )
+        _same(_ema(opt), before["ema"], what="EMA after a skipped window")
+        assert int(opt.iterations.numpy()) == 1
+        assert int(opt.skipped_updates.numpy()) == 1
+        assert not np.isfinite(float(opt.last_grad_norm.numpy()))
+        # The next window starts clean: accumulators reset by assignment.
+        for acc in opt._accumulators:
+            np.testing.assert_array_equal(acc.numpy(), np.zeros(acc.shape, np.float32))
+        assert float(opt.window_weight.numpy()) == 0.0
+    for grads in rest:
+        _oracle_step(oracle, grads)
+        step(_tensors(grads))
+    _assert_matches_oracle(opt, variables, oracle, what="end")
+    finite = all(np.isfinite(w).all() for w in _values(variables))
+    if case.on_nonfinite == "skip":
+        assert finite and np.isfinite(float(opt.last_grad_norm.numpy()))
+        assert int(opt.iterations.numpy()) == 2 and int(opt.skipped_updates.numpy()) == 1
+        assert all(np.isfinite(e).all() for e in _ema(opt))
+        # Momentum in Keras's form: m = -lr * b for a constant learning rate (0.1 here).
+        _close(
+            [np.array(m.numpy()) for m in opt.inner_optimizer.momentums],
+            [-0.1 * oracle.inner.momentum_buffers[i] for i in range(len(params))],
+            what="momentum slots",
+        )
+    else:  # "ignore": the values were passed on
+        assert not finite
+        assert int(opt.iterations.numpy()) == 3 and int(opt.skipped_updates.numpy()) == 0
+
+
+def test_raise_inside_xla_function_fails_at_trace_time():
+    variables = _variables(cases.make_params())
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2, on_nonfinite="raise")
+    opt.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        opt.apply(grads, variables)
+
+    grads = _tensors(cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=1))[0][0])
+    with pytest.raises(RuntimeError, match="cannot raise inside an XLA"):
+        step(grads)
+    assert int(opt.micro_steps.numpy()) == 0
+
+
+@pytest.mark.slow
+def test_raise_inside_jit_compiled_fit_fails_at_trace_time():
+    x, y = _data(16)
+    model = _make_model()
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2, on_nonfinite="raise")
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    before = _values(model.trainable_weights)
+    with pytest.raises(RuntimeError, match="cannot raise inside an XLA"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    _same(_values(model.trainable_weights), before, what="weights")
+
+
+# -- swapping the EMA in and out -------------------------------------------------
+
+
+def _trained_ema_variables(dtype):
+    """Variables of varied magnitudes after 3 updates, their EMA well apart from them.
+
+    Varied magnitudes make add/subtract swapping (Keras's own callback) come
+    back changed in the last bits, which a copy never does.
+    """
+    rng = np.random.default_rng(3)
+    params = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3, s)).astype(np.float32) for s in cases.SHAPES]
+    variables = _variables(params, dtype)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.5, momentum=0.9),
+        merge_grad=2,
+        use_ema=True,
+        ema_momentum=0.7,
+        jit_compile=False,
+    )
+    for grads, _ in cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=6), seed=5):
+        opt.apply(_tensors(grads, dtype), variables)
+    return variables, opt
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swap_ema_weights_context_manager_is_bit_exact(dtype):
+    variables, opt = _trained_ema_variables(dtype)
+    raw = [np.array(v.numpy()) for v in variables]
+    ema = _ema(opt)
+    shown = [np.array(tf.cast(e, dtype).numpy()) for e in ema]
+    assert not all(np.array_equal(r, s) for r, s in zip(raw, shown))
+    for _ in range(3):  # round trips do not drift
+        with opt.swap_ema_weights():
+            _same([np.array(v.numpy()) for v in variables], shown, what="swapped in")
+        _same([np.array(v.numpy()) for v in variables], raw, what="swapped out")
+        _same(_ema(opt), ema, what="EMA after the swap")
+    # An error inside the block puts the raw weights back.
+    with pytest.raises(ZeroDivisionError):
+        with opt.swap_ema_weights():
+            _ = 1 / 0
+    _same([np.array(v.numpy()) for v in variables], raw, what="after an error")
+    # Training after the swap goes on from the raw weights.
+    oracle_like = _trained_ema_variables(dtype)
+    grads, _ = cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=2), seed=9)[0]
+    for vs, o in ((variables, opt), oracle_like):
+        o.apply(_tensors(grads, dtype), vs)
+        o.apply(_tensors(grads, dtype), vs)
+    _same(_values(variables), _values(oracle_like[0]), what="training after swapping")
+
+
+@pytest.mark.slow
+def test_swap_ema_callback_evaluates_and_predicts_on_ema_and_restores():
+    x, y = _data(64)
+    model = _make_model()
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        merge_grad=2,
+        use_ema=True,
+        ema_momentum=0.5,
+    )
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    _train_on_batches(model, x, y, 7)  # 3 updates and an open window; no finalize
+    raw = _values(model.trainable_weights)
+    ema = _ema(opt)
+    assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))
+    callback = keras_accum.SwapEMAWeights()
+
+    loss_raw = model.evaluate(x, y, batch_size=16, verbose=0)
+    loss_ema = model.evaluate(x, y, batch_size=16, verbose=0, callbacks=[callback])
+    np.testing.assert_allclose(loss_raw, np.mean((_np_predict(raw, x) - y) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(loss_ema, np.mean((_np_predict(ema, x) - y) ** 2), rtol=1e-5)
+    _same(_values(model.trainable_weights), raw, what="raw weights after evaluate")
+
+    pred = model.predict(x, batch_size=16, verbose=0, callbacks=[callback])
+    np.testing.assert_allclose(pred, _np_predict(ema, x), rtol=1e-5, atol=1e-6)
+    _same(_values(model.trainable_weights), raw, what="raw weights after predict")
+    _same(_ema(opt), ema, what="EMA after evaluate and predict")
+
+
+def _failing_batches(x, y=None):
+    yield (x[:8], y[:8]) if y is not None else x[:8]
+    raise ValueError("data source failed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["evaluate", "predict"])
+def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(method):
+    x, y = _data(32)
+    model = _make_model()
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=2, use_ema=True, ema_momentum=0.5
+    )
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    _train_on_batches(model, x, y, 4)
+    raw = _values(model.trainable_weights)
+    ema = _ema(opt)
+    assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))
+    callback = keras_accum.SwapEMAWeights()
+    batches = _failing_batches(x, y) if method == "evaluate" else _failing_batches(x)
+    with pytest.raises(ValueError, match="data source failed"):
+        getattr(model, method)(batches, verbose=0, callbacks=[callback])
+    _same(_values(model.trainable_weights), raw, what="raw weights after a failed " + method)
+    _same(_ema(opt), ema, what="EMA after a failed " + method)
+    # And the model still evaluates on the EMA afterwards.
+    loss_ema = model.evaluate(x, y, verbose=0, callbacks=[callback])
+    np.testing.assert_allclose(loss_ema, np.mean((_np_predict(ema, x) - y) ** 2), rtol=1e-5)
+
+
+class _RecordEpochEnd(keras.callbacks.Callback):
+    """Records the raw weights and the EMA at each epoch end (before fit's finalize)."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.raw, self.ema = [], []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.raw.append(_values(self.model.trainable_weights))
+        self.ema.append(_ema(self.opt))
+
+
+@pytest.mark.slow
+def test_swap_ema_callback_in_fit_validation_leaves_training_unchanged():
+    x, y = _data(64)
+    runs = {}
+    for with_callback in (False, True):
+        model = _make_model()
+        opt = AccumOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=2, use_ema=True, ema_momentum=0.5
+        )
+        model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        record = _RecordEpochEnd(opt)
+        callbacks = [keras_accum.SwapEMAWeights(), record] if with_callback else [record]
+        history = model.fit(
+            x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+            validation_data=(x, y), callbacks=callbacks,
+        )  # fmt: skip
+        runs[with_callback] = (history.history, record, _values(model.trainable_weights))
+    (h0, r0, w0), (h1, r1, w1) = runs[False], runs[True]
+    # Evaluating on the EMA in between does not touch training, bit for bit.
+    assert h0["loss"] == h1["loss"]
+    for epoch in range(2):
+        _same(r1.raw[epoch], r0.raw[epoch], what=f"raw weights at epoch {epoch}")
+        _same(r1.ema[epoch], r0.ema[epoch], what=f"EMA at epoch {epoch}")
+        # Validation with the callback saw the EMA, without it the raw weights.
+        np.testing.assert_allclose(
+            h1["val_loss"][epoch], np.mean((_np_predict(r1.ema[epoch], x) - y) ** 2), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            h0["val_loss"][epoch], np.mean((_np_predict(r0.raw[epoch], x) - y) ** 2), rtol=1e-5
+        )
+    _same(w1, w0, what="final weights")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: a .keras file saved while the EMA is swapped in holds the EMA as model "
+        "weights and `_ema_swapped=1` in the optimizer; nothing puts the raw weights "
+        "back on load or on the next micro-step, so training resumes from the EMA (and "
+        "fit's finalize then swaps the stale raw weights into the shadows)."
+    ),
+)
+def test_save_while_swapped_resumes_training_from_raw_weights(tmp_path):
+    x, y = _data(128)
+    model = _make_model()
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4, use_ema=True, ema_momentum=0.5
+    )
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    _train_on_batches(model, x, y, 10)  # 2 updates and a window of 2 left open
+    raw = _values(model.trainable_weights)
+    ema = _ema(opt)
+    assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))
+    path = str(tmp_path / "swapped.keras")
+    with opt.swap_ema_weights():
+        model.save(path)
+    _same(_values(model.trainable_weights), raw, what="raw weights after the swap")
+
+    # The uninterrupted run: go on from the raw weights.
+    model.fit(x[80:], y[80:], batch_size=8, shuffle=False, verbose=0)
+    expected = _values(model.trainable_weights)
+
+    loaded = keras.models.load_model(path)
+    loaded.fit(x[80:], y[80:], batch_size=8, shuffle=False, verbose=0)
+    _close(_values(loaded.trainable_weights), expected, rtol=1e-6, atol=0, what="resumed weights")
+
+
+# -- model.fit with EMA and clipping equals the large-batch run ---------------------
+
+
+@pytest.mark.slow
+def test_fit_with_ema_and_clipping_matches_large_batch():
+    x, y = _data(64)
+    config = {"use_ema": True, "ema_momentum": 0.5, "global_clipnorm": 0.1}
+    runs = {}
+    for merge_grad, batch_size in ((4, 8), (1, 32)):
+        model = _make_model()
+        opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=merge_grad, **config)
+        model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        record = _RecordEpochEnd(opt)
+        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+        runs[merge_grad] = (opt, record, _values(model.trainable_weights))
+    (acc_opt, acc_rec, acc_final), (big_opt, big_rec, big_final) = runs[4], runs[1]
+    assert int(acc_opt.iterations.numpy()) == int(big_opt.iterations.numpy()) == 4
+    assert int(acc_opt.micro_steps.numpy()) == 16
+    # Clipping was active: the merged norm before clipping exceeds the threshold.
+    assert float(acc_opt.last_grad_norm.numpy()) > 0.1
+    np.testing.assert_allclose(
+        float(acc_opt.last_grad_norm.numpy()), float(big_opt.last_grad_norm.numpy()), RTOL, ATOL
+    )
+    for epoch in range(2):
+        _close(acc_rec.raw[epoch], big_rec.raw[epoch], what=f"raw weights at epoch {epoch}")
+        _close(acc_rec.ema[epoch], big_rec.ema[epoch], what=f"EMA at epoch {epoch}")
+    _close(acc_final, big_final, what="final weights")
+    # fit called finalize_variable_values: the final weights are the EMA, not the raw weights.
+    _same(acc_final, _ema(acc_opt), what="final weights vs EMA")
+    assert not all(np.array_equal(f, r) for f, r in zip(acc_final, acc_rec.raw[-1]))
