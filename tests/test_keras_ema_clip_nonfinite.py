@@ -115,7 +115,9 @@ def _np_predict(weights, x):
 
 def _train_on_batches(model, x, y, n_batches, batch_size=8):
     for k in range(n_batches):
-        model.train_on_batch(x[k * batch_size : (k + 1) * batch_size], y[k * batch_size : (k + 1) * batch_size])
+        model.train_on_batch(
+            x[k * batch_size : (k + 1) * batch_size], y[k * batch_size : (k + 1) * batch_size]
+        )
 
 
 # -- the oracle, in lockstep ----------------------------------------------------
@@ -293,25 +295,22 @@ def test_clipping_acts_once_on_the_merged_gradient(clip, micro_grads, expected, 
 _PREFIX = cases.make_stream(cases.AccumCase("prefix", merge_grad=4, n_micro=4), seed=7)
 
 
-def _lr_at(step):
-    """PiecewiseConstantDecay([1], [0.1, 0.05]): 0.1 at updates 0 and 1, then 0.05."""
-    return 0.1 if step <= 1 else 0.05
-
-
 def _nonfinite_optimizer(case, jit_compile):
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.05])
+    learning_rate = 0.1
+    if case.on_nonfinite == "skip":
+        # 0.1 at updates 0 and 1, then 0.05. The skip stream has two updates
+        # (prefix, last window), so it matches the oracle's constant 0.1 only
+        # if the skipped window did not advance the schedule. (Only here: with
+        # a changing rate Keras's momentum form and the oracle's torch form
+        # part by more than rounding.)
+        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, 0.05])
     return AccumOptimizer(
-        keras.optimizers.SGD(schedule, momentum=0.9),
+        keras.optimizers.SGD(learning_rate, momentum=0.9),
         use_ema=True,
         ema_momentum=0.5,
         jit_compile=jit_compile,
         **case.kwargs,
     )
-
-
-def _oracle_step(oracle, grads):
-    oracle.inner.lr = _lr_at(oracle.iterations)  # the schedule sees the update count
-    return oracle.step(grads)
 
 
 @pytest.mark.parametrize("mode", ["eager", "jit", "function"])
@@ -328,9 +327,10 @@ def test_nonfinite_policy(case, mode):
     oracle = ref.RefAccum(
         params, ref.RefSGD(0.1, 0.9), use_ema=True, ema_momentum=0.5, **case.kwargs
     )
+    opt.build(variables)  # one trace in "function" mode (building in it traces twice)
     step = _stepper(opt, variables, mode)
     for grads, _ in _PREFIX:
-        _oracle_step(oracle, grads)
+        oracle.step(grads)
         step(_tensors(grads))
     _assert_matches_oracle(opt, variables, oracle, what="after the clean prefix window")
     assert int(opt.iterations.numpy()) == 1
@@ -347,7 +347,7 @@ def test_nonfinite_policy(case, mode):
         for k, grads in enumerate(stream):
             if k == case.position:
                 with pytest.raises(FloatingPointError, match=rf"micro-step {bad}\b"):
-                    _oracle_step(oracle, grads)
+                    oracle.step(grads)
                 if mode == "function":
                     with pytest.raises(tf.errors.InvalidArgumentError) as info:
                         step(_tensors(grads))
@@ -364,7 +364,7 @@ def test_nonfinite_policy(case, mode):
                 )
                 _assert_matches_oracle(opt, variables, oracle, what="after the raise")
                 continue  # the user drops the bad micro-batch and goes on
-            _oracle_step(oracle, grads)
+            oracle.step(grads)
             step(_tensors(grads))
         _assert_matches_oracle(opt, variables, oracle, what="end")
         assert all(np.isfinite(w).all() for w in _values(variables))
@@ -372,7 +372,7 @@ def test_nonfinite_policy(case, mode):
 
     window, rest = stream[: case.merge_grad], stream[case.merge_grad :]
     for grads in window:
-        _oracle_step(oracle, grads)
+        oracle.step(grads)
         step(_tensors(grads))
     if case.on_nonfinite == "skip":
         # The whole window is discarded: nothing moved, bit for bit.
@@ -391,7 +391,7 @@ def test_nonfinite_policy(case, mode):
             np.testing.assert_array_equal(acc.numpy(), np.zeros(acc.shape, np.float32))
         assert float(opt.window_weight.numpy()) == 0.0
     for grads in rest:
-        _oracle_step(oracle, grads)
+        oracle.step(grads)
         step(_tensors(grads))
     _assert_matches_oracle(opt, variables, oracle, what="end")
     finite = all(np.isfinite(w).all() for w in _values(variables))
@@ -447,7 +447,10 @@ def _trained_ema_variables(dtype):
     back changed in the last bits, which a copy never does.
     """
     rng = np.random.default_rng(3)
-    params = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3, s)).astype(np.float32) for s in cases.SHAPES]
+    params = [
+        (rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3, s)).astype(np.float32)
+        for s in cases.SHAPES
+    ]
     variables = _variables(params, dtype)
     opt = AccumOptimizer(
         keras.optimizers.SGD(0.5, momentum=0.9),
@@ -517,13 +520,54 @@ def test_swap_ema_callback_evaluates_and_predicts_on_ema_and_restores():
 
 
 def _failing_batches(x, y=None):
-    yield (x[:8], y[:8]) if y is not None else x[:8]
+    """Three good batches, then the data source fails.
+
+    Keras peeks at the first batches of a generator before evaluation begins;
+    the third one and the failure come from inside the compiled test (or
+    predict) function, after the callback swapped the EMA in.
+    """
+    for k in range(3):
+        batch = slice(8 * k, 8 * k + 8)
+        yield (x[batch], y[batch]) if y is not None else (x[batch],)
     raise ValueError("data source failed")
 
 
+class _FirstBatchLogs(keras.callbacks.Callback):
+    """Keeps the logs of the first evaluation or prediction batch; can fail at batch 1."""
+
+    def __init__(self, fail_at_batch_1=False):
+        super().__init__()
+        self.fail_at_batch_1 = fail_at_batch_1
+        self.logs = None
+
+    def _record(self, batch, logs=None):
+        if self.logs is None:
+            self.logs = dict(logs or {})
+        if self.fail_at_batch_1 and batch == 1:
+            raise RuntimeError("callback failed")
+
+    on_test_batch_end = on_predict_batch_end = _record
+
+
+_GUARD_GAP = (
+    "BUG: the callback guards only the compiled `test_function`/`predict_function`; "
+    "Keras runs callbacks, and fetches predict batches (`get_data` in "
+    "keras/src/backend/tensorflow/trainer.py), outside them, so such an error "
+    "leaves the EMA in the model and `_ema_swapped` at 1."
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["evaluate", "predict"])
-def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(method):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "evaluate_data",
+        pytest.param("predict_data", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
+        pytest.param("evaluate_callback", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
+        pytest.param("predict_callback", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
+    ],
+)
+def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(failure):
     x, y = _data(32)
     model = _make_model()
     opt = AccumOptimizer(
@@ -534,14 +578,30 @@ def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(method):
     raw = _values(model.trainable_weights)
     ema = _ema(opt)
     assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))
-    callback = keras_accum.SwapEMAWeights()
-    batches = _failing_batches(x, y) if method == "evaluate" else _failing_batches(x)
-    with pytest.raises(ValueError, match="data source failed"):
-        getattr(model, method)(batches, verbose=0, callbacks=[callback])
-    _same(_values(model.trainable_weights), raw, what="raw weights after a failed " + method)
-    _same(_ema(opt), ema, what="EMA after a failed " + method)
+    method, source = failure.split("_")
+    first = _FirstBatchLogs(fail_at_batch_1=source == "callback")
+    callbacks = [keras_accum.SwapEMAWeights(), first]
+    if source == "data":
+        data = [_failing_batches(x, y) if method == "evaluate" else _failing_batches(x)]
+        kwargs = {}
+        # The generator's error may reach us wrapped by tf.data (InvalidArgumentError).
+        raises = pytest.raises((ValueError, tf.errors.OpError), match="data source failed")
+    else:
+        data = [x, y] if method == "evaluate" else [x]
+        kwargs = {"batch_size": 8}
+        raises = pytest.raises(RuntimeError, match="callback failed")
+    with raises:
+        getattr(model, method)(*data, verbose=0, callbacks=callbacks, **kwargs)
+    # It failed while evaluating on the EMA: the first batch was computed with it.
+    expected = _np_predict(ema, x[:8])
+    if method == "evaluate":
+        np.testing.assert_allclose(first.logs["loss"], np.mean((expected - y[:8]) ** 2), rtol=1e-5)
+    else:
+        np.testing.assert_allclose(np.asarray(first.logs["outputs"]), expected, RTOL, ATOL)
+    _same(_values(model.trainable_weights), raw, what=f"raw weights after {failure}")
+    _same(_ema(opt), ema, what=f"EMA after {failure}")
     # And the model still evaluates on the EMA afterwards.
-    loss_ema = model.evaluate(x, y, verbose=0, callbacks=[callback])
+    loss_ema = model.evaluate(x, y, verbose=0, callbacks=[keras_accum.SwapEMAWeights()])
     np.testing.assert_allclose(loss_ema, np.mean((_np_predict(ema, x) - y) ** 2), rtol=1e-5)
 
 
@@ -591,19 +651,41 @@ def test_swap_ema_callback_in_fit_validation_leaves_training_unchanged():
     _same(w1, w0, what="final weights")
 
 
+@keras.saving.register_keras_serializable(package="keras_accum_tests")
+class SubclassedNet(keras.Model):
+    """The two Dense layers of `_make_model`, as a subclassed model.
+
+    The output layer's attribute, `zz_out`, sorts after `optimizer`: Keras
+    walks a subclassed model's attributes in sorted order when it saves and
+    loads, so the optimizer's state must not rely on being loaded last.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="tanh")
+        self.zz_out = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.zz_out(self.hidden(x))
+
+
+def _make_any_model(kind):
+    if kind == "sequential":
+        return _make_model()
+    keras.utils.set_random_seed(1)
+    model = SubclassedNet()
+    model(np.zeros((1, 5), np.float32))  # builds the layers
+    return model
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a .keras file saved while the EMA is swapped in holds the EMA as model "
-        "weights and `_ema_swapped=1` in the optimizer; nothing puts the raw weights "
-        "back on load or on the next micro-step, so training resumes from the EMA (and "
-        "fit's finalize then swaps the stale raw weights into the shadows)."
-    ),
-)
-def test_save_while_swapped_resumes_training_from_raw_weights(tmp_path):
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_save_while_swapped_resumes_training_from_raw_weights(tmp_path, kind):
+    """A `.keras` file saved inside `swap_ema_weights()` holds the EMA as model
+    weights and `_ema_swapped=1`; a fresh model loaded from it must train from
+    the raw weights, exactly as the uninterrupted run."""
     x, y = _data(128)
-    model = _make_model()
+    model = _make_any_model(kind)
     opt = AccumOptimizer(
         keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4, use_ema=True, ema_momentum=0.5
     )
@@ -622,6 +704,8 @@ def test_save_while_swapped_resumes_training_from_raw_weights(tmp_path):
     expected = _values(model.trainable_weights)
 
     loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, AccumOptimizer)
+    _same(_values(loaded.trainable_weights), raw, what="weights right after loading")
     loaded.fit(x[80:], y[80:], batch_size=8, shuffle=False, verbose=0)
     _close(_values(loaded.trainable_weights), expected, rtol=1e-6, atol=0, what="resumed weights")
 
@@ -636,10 +720,14 @@ def test_fit_with_ema_and_clipping_matches_large_batch():
     runs = {}
     for merge_grad, batch_size in ((4, 8), (1, 32)):
         model = _make_model()
-        opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=merge_grad, **config)
+        opt = AccumOptimizer(
+            keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=merge_grad, **config
+        )
         model.compile(optimizer=opt, loss="mse", jit_compile=False)
         record = _RecordEpochEnd(opt)
-        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+        model.fit(
+            x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0, callbacks=[record]
+        )
         runs[merge_grad] = (opt, record, _values(model.trainable_weights))
     (acc_opt, acc_rec, acc_final), (big_opt, big_rec, big_final) = runs[4], runs[1]
     assert int(acc_opt.iterations.numpy()) == int(big_opt.iterations.numpy()) == 4

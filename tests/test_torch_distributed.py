@@ -82,6 +82,7 @@ def _ddp_worker(rank: int, port: int, out_path: str) -> None:
                 },
                 out_path,
             )
+        dist.barrier()  # no rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
 
@@ -138,7 +139,9 @@ def test_no_sync_only_on_non_update_micro_steps():
     assert fake.entered == 4 and opt.iterations == 2
     # Side buffers (an accumulator dtype other than the parameter's): every
     # micro-step must all-reduce, so no_sync is a null context.
-    buffered = AccumOptimizer(torch.optim.SGD([p], lr=0.1), merge_grad=3, accumulator_dtype="float64")
+    buffered = AccumOptimizer(
+        torch.optim.SGD([p], lr=0.1), merge_grad=3, accumulator_dtype="float64"
+    )
     with buffered.no_sync(fake):
         pass
     assert fake.entered == 4

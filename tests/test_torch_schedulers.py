@@ -19,6 +19,11 @@ from torch.optim.swa_utils import SWALR
 
 from keras_accum.torch import AccumOptimizer
 
+# pytest resets warning filters around each test, dropping the one that
+# `import keras_accum.torch` installs for GradScaler's protocol FutureWarning
+# (test_torch_accum.py checks that users do not see it).
+pytestmark = pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+
 K = 3  # merge_grad
 N_UPDATES = 5
 
@@ -37,7 +42,9 @@ SCHEDULERS = {
     "OneCycleLR": lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=N_UPDATES),
     "CosineAnnealingWarmRestarts": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=2),
     "SequentialLR": lambda o: S.SequentialLR(
-        o, [S.ConstantLR(o, factor=0.5, total_iters=2), S.ExponentialLR(o, gamma=0.7)], milestones=[2]
+        o,
+        [S.ConstantLR(o, factor=0.5, total_iters=2), S.ExponentialLR(o, gamma=0.7)],
+        milestones=[2],
     ),
     "ChainedScheduler": lambda o: S.ChainedScheduler(
         [S.ConstantLR(o, factor=0.5, total_iters=2), S.ExponentialLR(o, gamma=0.7)]
@@ -153,7 +160,9 @@ def test_scheduler_on_the_inner_optimizer_is_gated_too():
 def test_scheduler_subclass_defined_later_is_gated_once():
     class Halving(S.LRScheduler):
         def get_lr(self):
-            return [g["lr"] * (0.5 if self.last_epoch > 0 else 1.0) for g in self.optimizer.param_groups]
+            return [
+                g["lr"] * (0.5 if self.last_epoch > 0 else 1.0) for g in self.optimizer.param_groups
+            ]
 
         def step(self, epoch=None):  # an override calling super(): gated once, not twice
             super().step(epoch)
@@ -255,3 +264,31 @@ def test_unscale_before_step_is_refused():
     with pytest.raises(RuntimeError, match="unscale_"):
         scaler.step(opt)
     assert opt.micro_steps == 0
+
+
+def test_grad_scaler_with_scheduler_and_weights():
+    # The scheduler wraps opt.step; GradScaler must still find `grad_scaler`
+    # in its signature, and weighted side buffers must unscale the same way.
+    def run(scaler):
+        model = _model()
+        opt = AccumOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), merge_grad=2)
+        sched = S.ExponentialLR(opt, gamma=0.5)
+        for i in range(6):
+            x, y = _batch(i, 4)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if scaler is None:
+                loss.backward()
+                opt.step(weight=float(i + 1))
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt, weight=float(i + 1))
+                scaler.update()
+            sched.step()
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = run(torch.amp.GradScaler("cpu", init_scale=2.0**6))
+    ref_model, ref_opt = run(None)
+    assert opt.iterations == 3 and _lr(opt) == _lr(ref_opt) == [0.0625]
+    for a, e in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, e)

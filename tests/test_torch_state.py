@@ -81,7 +81,9 @@ def resume_in_this_process(name: str, path_in: str, path_out: str, start: int, s
     opt.load_state_dict(saved["opt"])
     for k in range(start, stop):
         _micro_step(name, model, opt, sched, k)
-    torch.save({"params": [p.detach() for p in model.parameters()], "opt": opt.state_dict()}, path_out)
+    torch.save(
+        {"params": [p.detach() for p in model.parameters()], "opt": opt.state_dict()}, path_out
+    )
 
 
 def _save_bytes(obj) -> io.BytesIO:
@@ -100,7 +102,11 @@ def test_restored_optimizer_runs_in_lockstep(name):
     for k in range(5):  # stops mid-window for every config
         _micro_step(name, model, opt, sched, k)
     assert opt.window_steps > 0
-    saved = _load(_save_bytes({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}))
+    saved = _load(
+        _save_bytes(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        )
+    )
 
     model2, opt2, sched2 = _build(name)
     model2.load_state_dict(saved["model"])  # weights only: .grad is not in it
@@ -130,10 +136,14 @@ def test_restored_optimizer_runs_in_lockstep(name):
             assert torch.equal(p, p2), f"differs after micro-step {k}"
             for key, value in opt.state.get(p, {}).items():
                 assert torch.equal(opt2.state[p2][key], value)
-        assert opt2.inner_optimizer.param_groups[0]["lr"] == opt.inner_optimizer.param_groups[0]["lr"]
+        assert (
+            opt2.inner_optimizer.param_groups[0]["lr"] == opt.inner_optimizer.param_groups[0]["lr"]
+        )
     assert opt.iterations >= 3
     # The scheduler on the restored wrapper still drives the inner LR (traps.md).
-    assert opt2.inner_optimizer.param_groups[0]["lr"] == pytest.approx(0.9**opt.iterations * opt.inner_optimizer.defaults["lr"])
+    assert opt2.inner_optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.9**opt.iterations * opt.inner_optimizer.defaults["lr"]
+    )
 
 
 # -- fresh-process resume --------------------------------------------------------------------
@@ -148,7 +158,9 @@ def test_resume_in_fresh_process_is_bit_identical(name, tmp_path):
         _micro_step(name, model, opt, sched, k)
     assert opt.window_steps > 0
     path_in, path_out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out.pt")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path_in)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path_in
+    )
     for k in range(start, stop):
         _micro_step(name, model, opt, sched, k)
 
@@ -186,9 +198,19 @@ def _one_micro_step(model, opt):
 @pytest.mark.parametrize(
     "saved_kwargs,loader_kwargs,loader_inner,message",
     [
-        (dict(merge_grad=4), dict(merge_grad=2), torch.optim.SGD, "merge_grad: saved 4, this optimizer 2"),
+        (
+            dict(merge_grad=4),
+            dict(merge_grad=2),
+            torch.optim.SGD,
+            "merge_grad: saved 4, this optimizer 2",
+        ),
         (dict(merge_grad=2), dict(merge_grad=2, reduction="sum"), torch.optim.SGD, "reduction"),
-        (dict(merge_grad=2), dict(merge_grad=2, accumulator_dtype="float64"), torch.optim.SGD, "accumulator_dtype"),
+        (
+            dict(merge_grad=2),
+            dict(merge_grad=2, accumulator_dtype="float64"),
+            torch.optim.SGD,
+            "accumulator_dtype",
+        ),
         (dict(merge_grad=2), dict(merge_grad=2, use_ema=True), torch.optim.SGD, "use_ema"),
         (dict(merge_grad=2), dict(merge_grad=2), torch.optim.Adam, "inner_optimizer: saved 'SGD'"),
     ],
@@ -226,7 +248,9 @@ def test_loading_a_plain_optimizer_state_raises():
 def test_loading_state_of_other_parameters_raises():
     _, opt = _small(merge_grad=2)
     saved = opt.state_dict()
-    other = AccumOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), merge_grad=2)
+    other = AccumOptimizer(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), merge_grad=2
+    )
     with pytest.raises(ValueError, match="nothing was loaded"):
         other.load_state_dict(saved)
 

@@ -10,8 +10,6 @@ any LR scheduler advance once per update.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,12 +44,12 @@ def _by_device_and_dtype(tensors: list) -> dict:
     return groups
 
 
-def _norms(tensors: list, ord: float = 2.0) -> list:
-    """Per-tensor norms (float32 for half types), aligned with `tensors`."""
+def _norms(tensors: list) -> list:
+    """Per-tensor L2 norms (float32 for half types), aligned with `tensors`."""
     out = [None] * len(tensors)
     for (_, dtype), idx in _by_device_and_dtype(tensors).items():
         kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord, **kwargs)):
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, **kwargs)):
             out[i] = n
     return out
 
@@ -67,17 +65,19 @@ def _global_norm(norms: list, device: torch.device) -> torch.Tensor:
     return torch.linalg.vector_norm(_stack(norms, device))
 
 
-def _max_abs(tensors: list, device: torch.device) -> torch.Tensor:
-    """Per-tensor `max |t|` (inf or nan when `t` holds one), stacked, float32.
+def _extremes(tensors: list, device: torch.device) -> torch.Tensor:
+    """Every tensor's min and max, stacked, float32 (inf/nan where a tensor has one).
 
-    The infinity norm cannot overflow, so it tells a finite tensor from a
-    non-finite one exactly, in one read pass (an L2 norm overflows to inf for
-    finite elements above ~1.8e19, as torch's float32 foreach norm does).
+    A tensor is all finite iff its min and max are (NaN propagates through
+    both), and `w * t` is iff `w * min` and `w * max` are: an exact test in
+    one read pass, where an L2 norm overflows for finite elements above
+    ~1.8e19 (torch's float32 foreach norm) and the infinity norm is about 5x
+    slower on CPU.
     """
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((0,), dtype=torch.float32, device=device)
-    return _stack(_norms(tensors, math.inf), device)
+    return _stack([m for t in tensors for m in torch.aminmax(t)], device)
 
 
 class AccumOptimizer(torch.optim.Optimizer):
@@ -118,7 +118,7 @@ class AccumOptimizer(torch.optim.Optimizer):
       (`numel * itemsize` of the accumulator dtype), plus one fused
       read-add pass over the gradients per micro-step; `step()` moves `.grad`
       into the buffer and sets `.grad = None`.
-    * `on_nonfinite="raise"`: one max-abs read pass and a host sync per
+    * `on_nonfinite="raise"`: one min/max read pass and a host sync per
       micro-step. `"skip"` (the default): one host sync per update.
     * `use_ema`: one float32 (float64 for float64 params) copy of every
       parameter, and one foreach `lerp_` per update.
@@ -341,9 +341,7 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         defaults = _core.AccumConfig.create(allow_none_dtype=True).to_dict()
-        cfg = ", ".join(
-            f"{k}={v!r}" for k, v in self._config.to_dict().items() if v != defaults[k]
-        )
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self._config.to_dict().items() if v != defaults[k])
         inner = "\n    ".join(repr(self.inner_optimizer).splitlines())
         return f"AccumOptimizer({cfg + ', ' if cfg else ''}optimizer=\n    {inner}\n)"
 
@@ -497,10 +495,9 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _raise_if_nonfinite(self, grads: list, w: float) -> None:
         if not grads:
             return
-        max_abs = _max_abs(grads, grads[0].device)
-        # `w * max|g|` is finite iff every `w * g` is (and every g, for w > 0;
-        # for w == 0, inf * 0 = nan catches a non-finite g too).
-        if not bool(torch.isfinite(max_abs * w).all()):
+        extremes = _extremes(grads, grads[0].device)
+        # For w == 0 too: inf * 0 = nan still flags a non-finite g.
+        if not bool(torch.isfinite(extremes * w).all()):
             raise FloatingPointError(
                 f"on_nonfinite='raise': non-finite gradient at micro-step "
                 f"{self._micro_steps + 1} (window position {self._window_steps + 1} "
@@ -604,7 +601,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         suspects = [t for t, ok in zip(merged, finite) if not ok]
         if not suspects:
             return False  # Only the sum of squares overflowed.
-        return not bool(torch.isfinite(_max_abs(suspects, total.device)).all())
+        return not bool(torch.isfinite(_extremes(suspects, total.device)).all())
 
     def _clip(self, merged: list, norms: list, total: torch.Tensor, device) -> None:
         cfg = self._config
@@ -693,11 +690,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         opt.step()
         ```
         """
-        if (
-            self.next_step_updates
-            or not hasattr(model, "no_sync")
-            or self._uses_side_buffers()
-        ):
+        if self.next_step_updates or not hasattr(model, "no_sync") or self._uses_side_buffers():
             yield
             return
         with model.no_sync():
@@ -713,7 +706,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             ema = state.get("ema")
-            if ema is None or m == 0.0:
+            if ema is None:
                 # The first update (or a parameter added since): a copy.
                 state["ema"] = p.detach().to(
                     dtype=torch.promote_types(p.dtype, torch.float32), copy=True
@@ -721,9 +714,15 @@ class AccumOptimizer(torch.optim.Optimizer):
                 continue
             groups.setdefault((p.device, p.dtype, ema.dtype), []).append((ema, p))
         for (_, p_dtype, ema_dtype), pairs in groups.items():
-            emas = [e for e, _ in pairs]
-            ps = [p.detach() if p_dtype == ema_dtype else p.detach().to(ema_dtype) for _, p in pairs]
-            torch._foreach_lerp_(emas, ps, 1.0 - m)
+            if p_dtype == ema_dtype:
+                # lerp_(p, 1 - m) = ema + (1 - m) * (p - ema), one fused pass.
+                torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1.0 - m)
+            else:
+                # bf16/fp16 parameters: lerp needs one dtype, so upcast one
+                # parameter at a time (a list would hold a float32 copy of
+                # all of them at once).
+                for ema, p in pairs:
+                    ema.lerp_(p.detach().to(ema_dtype), 1.0 - m)
         f = cfg.ema_overwrite_frequency
         if f is not None and self._iterations % f == 0:
             for p in params:

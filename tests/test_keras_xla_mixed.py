@@ -1,0 +1,406 @@
+"""XLA-jitted steps and mixed precision for the Keras AccumOptimizer (issue #3).
+
+- `jit_compile=True`: in custom loops `apply_gradients` runs as one
+  XLA-compiled function, traced once for update and non-update micro-steps,
+  with the numbers of the eager step (semantics.md point 13); inside
+  `model.fit` the model's own `jit_compile` decides.
+- Mixed precision: under `mixed_float16` the model's LossScaleOptimizer wraps
+  ours and skips an overflowing micro-step without touching the window;
+  accumulators and EMA stay float32 for bfloat16 variables, so many tiny
+  bfloat16 gradients add up instead of stalling.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.py)
+    import cases
+    import reference as ref
+except ImportError:  # tests/ as a package
+    from tests import cases
+    from tests import reference as ref
+
+from keras_accum import AccumOptimizer
+
+RTOL, ATOL = 1e-5, 1e-6
+
+# Mixed precision against a float32 run. Forward and backward passes in
+# float16 carry a relative error of about 2**-11 (5e-4) per operation; over a
+# few updates of a tiny model the weights (|w| < 1) drift by about 1e-4
+# (measured: 5e-5). 5e-3 is ~5 float16 ulps at 1.0: loose enough for that
+# drift, ten times tighter than what one dropped or misplaced micro-batch
+# does to these weights (about 5e-2 here). bfloat16 keeps 8 bits (ulp 2**-8
+# just below 1.0), hence 2e-2 there (measured: 7e-4).
+FP16_ATOL = 5e-3
+BF16_ATOL = 2e-2
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _variables(params, dtype="float32"):
+    return [keras.Variable(np.array(p), dtype=dtype, name=f"v{i}") for i, p in enumerate(params)]
+
+
+def _tensors(grads, dtype="float32"):
+    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+
+
+def _values(variables):
+    return [np.array(v.numpy(), dtype=np.float32) for v in variables]
+
+
+def _close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what}[{i}]")
+
+
+def _state(opt, variables):
+    """Everything a run leaves behind, as NumPy."""
+    return {
+        "params": _values(variables),
+        "ema": [np.array(e.numpy()) for e in opt.ema_variables],
+        "counters": (
+            int(opt.iterations.numpy()),
+            int(opt.micro_steps.numpy()),
+            int(opt.skipped_updates.numpy()),
+            int(opt.window_steps.numpy()),
+        ),
+        "last_grad_norm": float(opt.last_grad_norm.numpy()),
+    }
+
+
+def _run_case(case, jit_compile, momentum=0.9):
+    params = cases.make_params()
+    variables = _variables(params)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=momentum), jit_compile=jit_compile, **case.kwargs
+    )
+    for grads, weight in cases.make_stream(case):
+        # Weighted rows pass every weight (1.0 too): one call signature, one trace.
+        w = None if case.weights is None else weight
+        opt.apply_gradients(zip(_tensors(grads), variables), weight=w)
+    if case.flush_at_end:
+        opt.flush()
+    return opt, variables
+
+
+def _oracle(case, momentum=0.9):
+    oracle = ref.RefAccum(cases.make_params(), ref.RefSGD(0.1, momentum), **case.kwargs)
+    for grads, weight in cases.make_stream(case):
+        oracle.step(grads, weight)
+    if case.flush_at_end:
+        oracle.flush()
+    return oracle
+
+
+def _make_model(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)]
+    )
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, 5)).astype(np.float32),
+        rng.standard_normal((n, 2)).astype(np.float32),
+    )
+
+
+def _fit(x, y, optimizer, batch_size, jit_compile=False, epochs=2, initial_weights=None):
+    model = _make_model()
+    if initial_weights is not None:
+        model.set_weights(initial_weights)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.fixture
+def policy():
+    """Sets a global dtype policy for one test, and always puts float32 back."""
+
+    def set_policy(name):
+        keras.mixed_precision.set_global_policy(name)
+
+    try:
+        yield set_policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+# -- XLA in custom loops ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases.CASES, ids=[c.id for c in cases.CASES])
+def test_jitted_step_matches_eager_step_and_oracle(case):
+    jit_opt, jit_vars = _run_case(case, jit_compile=True)
+    eager_opt, eager_vars = _run_case(case, jit_compile=False)
+    assert eager_opt._jit_step is None
+    # One XLA function, traced once per structure of the gradient list (which
+    # gradients are None), served every micro-step, updates included.
+    structures = {tuple(g is None for g in grads) for grads, _ in cases.make_stream(case)}
+    assert jit_opt._jit_step is not None
+    assert jit_opt._jit_step.experimental_get_tracing_count() == len(structures)
+    jitted, eager = _state(jit_opt, jit_vars), _state(eager_opt, eager_vars)
+    assert jitted["counters"] == eager["counters"]
+    _close(jitted["params"], eager["params"], rtol=1e-6, atol=1e-6, what="params")
+    _close(jitted["ema"], eager["ema"], rtol=1e-6, atol=1e-6, what="ema")
+    np.testing.assert_allclose(jitted["last_grad_norm"], eager["last_grad_norm"], 1e-6, 1e-6)
+    # And the oracle, so that "the same" is not "the same mistake".
+    oracle = _oracle(case)
+    _close(jitted["params"], oracle.params, what="params vs oracle")
+    if oracle.use_ema:
+        _close(jitted["ema"], oracle.ema, what="ema vs oracle")
+    assert jitted["counters"][:3] == (oracle.iterations, oracle.micro_steps, oracle.skipped_updates)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_one_xla_trace_serves_update_and_non_update_micro_steps(weighted):
+    variables = _variables(cases.make_params())
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        merge_grad=4,
+        use_ema=True,
+        global_clipnorm=1.0,
+        ema_overwrite_frequency=2,
+    )
+    traces = []
+    micro_step = opt._micro_step
+
+    def counting_micro_step(*args, **kwargs):  # runs once per Python trace
+        traces.append(1)
+        return micro_step(*args, **kwargs)
+
+    opt._micro_step = counting_micro_step  # before the first step builds the XLA function
+    stream = cases.make_stream(cases.AccumCase("s", merge_grad=4, n_micro=12))
+    for k, (grads, _) in enumerate(stream):
+        opt.apply_gradients(
+            zip(_tensors(grads), variables), weight=float(k + 1) if weighted else None
+        )
+    assert int(opt.iterations.numpy()) == 3 and int(opt.micro_steps.numpy()) == 12
+    assert len(traces) == 1
+    assert opt._jit_step.experimental_get_tracing_count() == 1
+    # The function is XLA-compiled (must-compile), not a plain graph.
+    (concrete,) = opt._jit_step._list_all_concrete_functions()
+    assert concrete.function_def.attr["_XlaMustCompile"].b
+
+
+def test_user_tf_function_decides_compilation_and_traces_once():
+    case = next(c for c in cases.CASES if c.id == "ema_merge4_warmup_overwrite2")
+    variables = _variables(cases.make_params())
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), **case.kwargs)  # jit_compile=True
+
+    @tf.function
+    def step(grads):  # closes over the variables: Keras variables cannot be arguments
+        opt.apply_gradients(zip(grads, variables))
+
+    stream = cases.make_stream(case)
+    step(_tensors(stream[0][0]))  # builds the optimizer: tf.function traces again after
+    traces = step.experimental_get_tracing_count()  # creating variables on a first call
+    for grads, _ in stream[1:]:
+        step(_tensors(grads))
+    assert step.experimental_get_tracing_count() == traces  # no retrace, updates included
+    assert opt._jit_step is None  # the caller's function ran the step, not the optimizer's own
+    oracle = _oracle(case)
+    _close(_values(variables), oracle.params, what="params vs oracle")
+    _close([np.array(e.numpy()) for e in opt.ema_variables], oracle.ema, what="ema vs oracle")
+    assert int(opt.iterations.numpy()) == oracle.iterations
+
+
+# -- XLA inside model.fit --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fit_with_model_jit_compile_matches_large_batch():
+    x, y = _data(64)
+    config = {"use_ema": True, "ema_momentum": 0.5, "global_clipnorm": 0.1}
+    small = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4, **config)
+    large = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=1, **config)
+    small_model = _fit(x, y, small, batch_size=8, jit_compile=True)
+    # The large-batch run without XLA: one compile less, and XLA vs graph on the way.
+    large_model = _fit(x, y, large, batch_size=32, jit_compile=False)
+    # The model's XLA-compiled train step ran ours; the optimizer made no function of its own.
+    assert small._jit_step is None and large._jit_step is None
+    assert int(small.iterations.numpy()) == int(large.iterations.numpy()) == 4
+    assert int(small.micro_steps.numpy()) == 16
+    _close(_values(small_model.trainable_weights), _values(large_model.trainable_weights))
+    _close(
+        [np.array(e.numpy()) for e in small.ema_variables],
+        [np.array(e.numpy()) for e in large.ema_variables],
+    )
+    np.testing.assert_allclose(
+        float(small.last_grad_norm.numpy()), float(large.last_grad_norm.numpy()), RTOL, ATOL
+    )
+
+
+# -- mixed precision -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mixed_float16_fit_matches_float32_large_batch(policy):
+    x, y = _data(64)
+    config = {"use_ema": True, "ema_momentum": 0.5}
+    large = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=1, **config)
+    reference = _fit(x, y, large, batch_size=32)
+    policy("mixed_float16")
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4, **config)
+    model = _fit(x, y, opt, batch_size=8)
+    # model.compile wrapped ours in a LossScaleOptimizer, which ran it as its inner optimizer.
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer is opt
+    assert model.layers[0].compute_dtype == "float16"
+    assert all(a.dtype == "float32" for a in opt._accumulators)
+    assert all(e.dtype == "float32" for e in opt.ema_variables)
+    assert int(opt.iterations.numpy()) == 4 and int(opt.micro_steps.numpy()) == 16
+    assert int(opt.skipped_updates.numpy()) == 0
+    # Final weights are the EMA (fit finalizes) in both runs.
+    _close(
+        _values(model.trainable_weights),
+        _values(reference.trainable_weights),
+        rtol=0,
+        atol=FP16_ATOL,
+        what="mixed_float16 merge_grad=4 vs float32 batch 32",
+    )
+    _close(
+        [np.array(e.numpy()) for e in opt.ema_variables],
+        [np.array(e.numpy()) for e in large.ema_variables],
+        rtol=0,
+        atol=FP16_ATOL,
+        what="EMA",
+    )
+
+
+@pytest.mark.slow
+def test_mixed_float16_overflowing_micro_step_is_skipped_without_corrupting_the_window(policy):
+    x, y = _data(64)
+    reference = _fit(x, y, keras.optimizers.SGD(0.1, momentum=0.9), batch_size=32)
+    # A 9th micro-batch, third in the first window: its huge targets make the
+    # float16 gradient of the scaled loss overflow.
+    bad_x, bad_y = x[:8], np.full((8, 2), 1e4, np.float32)
+    x_bad = np.concatenate([x[:16], bad_x, x[16:]])
+    y_bad = np.concatenate([y[:16], bad_y, y[16:]])
+    policy("mixed_float16")
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4)
+    model = _fit(x_bad, y_bad, opt, batch_size=8)
+    scaler = model.optimizer
+    assert isinstance(scaler, keras.optimizers.LossScaleOptimizer)
+    # The loss scale halved once per epoch: the overflow happened, twice.
+    assert float(scaler.dynamic_scale.numpy()) == scaler.initial_scale / 4
+    # The LossScaleOptimizer never handed the bad micro-step on: 18 micro-batches, 16 micro-steps.
+    assert int(opt.micro_steps.numpy()) == 16
+    assert int(opt.iterations.numpy()) == 4
+    assert int(opt.skipped_updates.numpy()) == 0
+    assert all(np.isfinite(w).all() for w in _values(model.trainable_weights))
+    for acc in opt._accumulators:  # the last window closed: nothing left over
+        np.testing.assert_array_equal(acc.numpy(), np.zeros(acc.shape, np.float32))
+    # The windows around it are the clean run's windows.
+    _close(
+        _values(model.trainable_weights),
+        _values(reference.trainable_weights),
+        rtol=0,
+        atol=FP16_ATOL,
+        what="mixed_float16 with an overflow vs float32 batch 32 without the bad batch",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mixed_bfloat16", "bfloat16"])
+def test_bfloat16_policies_keep_float32_state_and_match_float32(policy, name):
+    x, y = _data(64)
+    config = {"use_ema": True, "ema_momentum": 0.5}
+    policy(name)
+    # bfloat16 variables draw their initial values in bfloat16: start the
+    # float32 run from the same (exactly representable) values.
+    initial = [np.array(w, np.float32) for w in _make_model().get_weights()]
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4, **config)
+    model = _fit(x, y, opt, batch_size=8, initial_weights=initial)
+    policy("float32")
+    large = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=1, **config)
+    reference = _fit(x, y, large, batch_size=32, initial_weights=initial)
+    assert model.optimizer is opt  # no loss scaling for bfloat16
+    variable_dtype = "float32" if name == "mixed_bfloat16" else "bfloat16"
+    assert all(w.dtype == variable_dtype for w in model.trainable_weights)
+    assert all(a.dtype == "float32" for a in opt._accumulators)
+    assert all(e.dtype == "float32" for e in opt.ema_variables)
+    assert int(opt.iterations.numpy()) == 4 and int(opt.micro_steps.numpy()) == 16
+    _close(
+        _values(model.trainable_weights),
+        _values(reference.trainable_weights),
+        rtol=0,
+        atol=BF16_ATOL,
+        what=f"{name} merge_grad=4 vs float32 batch 32",
+    )
+
+
+# 64 micro-steps of the same tiny gradient into one bfloat16 variable at 1.0.
+# Applied one by one, each would round away (1 - 1e-3 is 1.0 in bfloat16);
+# accumulated in float32, the update is lr * sum or lr * mean.
+_TINY = np.array([1e-3, 3e-4, 2e-3], np.float32)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(("reduction", "lr"), [("sum", 1.0), ("mean", 64.0)])
+def test_many_tiny_bfloat16_gradients_do_not_stall(jit_compile, reduction, lr):
+    variable = keras.Variable(np.ones(3, np.float32), dtype="bfloat16")
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(lr), merge_grad=64, reduction=reduction, jit_compile=jit_compile
+    )
+    grad = tf.constant(_TINY, dtype="bfloat16")
+    for _ in range(64):
+        opt.apply_gradients([(grad, variable)])
+    assert opt._accumulators[0].dtype == "float32"
+    assert int(opt.iterations.numpy()) == 1
+    oracle = ref.RefAccum(
+        [np.ones(3, np.float32)], ref.RefSGD(lr), merge_grad=64, reduction=reduction
+    )
+    for _ in range(64):
+        oracle.step([grad.numpy().astype(np.float32)])
+    got = variable.numpy().astype(np.float32)
+    # Within bfloat16 rounding of the final weight: one ulp in [0.5, 1) is 2**-8.
+    np.testing.assert_allclose(got, oracle.params[0], rtol=0, atol=2**-8)
+    assert np.all(got < 1.0)  # it moved: nothing stalled
+
+
+@pytest.mark.parametrize(
+    "jit_compile",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "BUG: under XLA (xla_allow_excess_precision) the EMA of a bfloat16 "
+                    "variable is computed from the inner optimizer's unrounded float32 "
+                    "result, not from the bfloat16 value stored in the variable: the "
+                    "first update does not copy the weights and jit and eager differ."
+                ),
+            ),
+        ),
+    ],
+    ids=["eager", "jit"],
+)
+def test_bfloat16_variable_ema_follows_the_stored_weights(jit_compile):
+    variable = keras.Variable(np.ones(3, np.float32), dtype="bfloat16")
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(1.0),
+        merge_grad=64,
+        reduction="sum",
+        use_ema=True,
+        jit_compile=jit_compile,
+    )
+    grad = tf.constant(_TINY, dtype="bfloat16")
+    for _ in range(64):
+        opt.apply_gradients([(grad, variable)])
+    (ema,) = opt.ema_variables
+    assert ema.dtype == "float32"
+    # The first update copies the weights: exactly the bfloat16 values, widened.
+    np.testing.assert_array_equal(ema.numpy(), variable.numpy().astype(np.float32))
