@@ -549,22 +549,14 @@ class _FirstBatchLogs(keras.callbacks.Callback):
     on_test_batch_end = on_predict_batch_end = _record
 
 
-_GUARD_GAP = (
-    "BUG: the callback guards only the compiled `test_function`/`predict_function`; "
-    "Keras runs callbacks, and fetches predict batches (`get_data` in "
-    "keras/src/backend/tensorflow/trainer.py), outside them, so such an error "
-    "leaves the EMA in the model and `_ema_swapped` at 1."
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "failure",
     [
         "evaluate_data",
-        pytest.param("predict_data", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
-        pytest.param("evaluate_callback", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
-        pytest.param("predict_callback", marks=pytest.mark.xfail(strict=True, reason=_GUARD_GAP)),
+        "predict_data",
+        "evaluate_callback",
+        "predict_callback",
     ],
 )
 def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(failure):

@@ -373,18 +373,7 @@ def test_many_tiny_bfloat16_gradients_do_not_stall(jit_compile, reduction, lr):
     "jit_compile",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "BUG: under XLA (xla_allow_excess_precision) the EMA of a bfloat16 "
-                    "variable is computed from the inner optimizer's unrounded float32 "
-                    "result, not from the bfloat16 value stored in the variable: the "
-                    "first update does not copy the weights and jit and eager differ."
-                ),
-            ),
-        ),
+        True,
     ],
     ids=["eager", "jit"],
 )

@@ -46,50 +46,47 @@ class SwapEMAWeights(keras.callbacks.Callback):
     """Evaluates and predicts on the EMA weights, then puts the raw weights back.
 
     The swap copies (it never adds and subtracts), so the raw weights come
-    back bit-exactly; if evaluation or prediction raises, they come back
-    before the error leaves the test (or predict) function.
+    back bit-exactly. The EMA is held only while the compiled test (or
+    predict) function runs, one batch at a time: Keras fetches predict
+    batches, and runs callbacks, outside that function, so an error there
+    (a failing data source, a callback raising, an interrupt) finds the raw
+    weights in place.
     """
 
-    def _swap_in(self):
-        opt = _accum_optimizer(self.model)
-        opt.swap_in_ema()
-        self._guard(opt)
+    _ATTRS = ("test_function", "predict_function")
 
-    def _guard(self, opt):
-        # Callbacks hear nothing when evaluation raises: wrap the compiled
-        # step so an error puts the raw weights back first.
-        for attr in ("test_function", "predict_function"):
+    def _wrap(self, opt):
+        for attr in self._ATTRS:
             fn = getattr(self.model, attr, None)
             if fn is None or getattr(fn, "_keras_accum_guarded", False):
                 continue
 
-            def guarded(*args, _fn=fn, **kwargs):
+            def on_ema(*args, _fn=fn, **kwargs):
+                opt.swap_in_ema()
                 try:
                     return _fn(*args, **kwargs)
-                except BaseException:
+                finally:
                     opt.swap_out_ema()
-                    raise
 
-            guarded._keras_accum_guarded = True
-            guarded._keras_accum_original = fn
-            setattr(self.model, attr, guarded)
+            on_ema._keras_accum_guarded = True
+            on_ema._keras_accum_original = fn
+            setattr(self.model, attr, on_ema)
 
-    def _swap_out(self):
-        opt = _accum_optimizer(self.model)
-        opt.swap_out_ema()
-        for attr in ("test_function", "predict_function"):
+    def _unwrap(self):
+        _accum_optimizer(self.model).swap_out_ema()
+        for attr in self._ATTRS:
             fn = getattr(self.model, attr, None)
             if fn is not None and getattr(fn, "_keras_accum_guarded", False):
                 setattr(self.model, attr, fn._keras_accum_original)
 
     def on_test_begin(self, logs=None):
-        self._swap_in()
+        self._wrap(_accum_optimizer(self.model))
 
     def on_test_end(self, logs=None):
-        self._swap_out()
+        self._unwrap()
 
     def on_predict_begin(self, logs=None):
-        self._swap_in()
+        self._wrap(_accum_optimizer(self.model))
 
     def on_predict_end(self, logs=None):
-        self._swap_out()
+        self._unwrap()

@@ -535,7 +535,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             m = tf.minimum(m, (1.0 + n) / (10.0 + n))
         m = tf.where(n > 0, m, tf.zeros_like(m))
         for ema, v in zip(self._ema, self._trainable_variables):
-            ema.assign(m * ema + (1.0 - m) * tf.cast(v, dtype))
+            ema.assign(m * ema + (1.0 - m) * _stored_value(v, dtype))
         f = cfg.ema_overwrite_frequency
         if f is not None:
             tf.cond(
@@ -794,6 +794,20 @@ def _slots_by_variable(inner, var_list):
 
 def _var_name(variable) -> str:
     return getattr(variable, "path", variable.name).replace("/", "_").replace(":", "_")
+
+
+def _stored_value(variable, dtype):
+    """`variable`'s value as stored, cast to `dtype`.
+
+    XLA may forward the unrounded float32 result of an update to a later read
+    of a bfloat16/float16 variable (`xla_allow_excess_precision`). A bitcast
+    round trip through an unsigned int of the same width pins the stored bits.
+    """
+    value = tf.convert_to_tensor(variable)
+    if value.dtype == dtype or not value.dtype.is_floating:
+        return tf.cast(value, dtype)
+    bits = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}[value.dtype.size]
+    return tf.cast(tf.bitcast(tf.bitcast(value, bits), value.dtype), dtype)
 
 
 def _no_output(_):

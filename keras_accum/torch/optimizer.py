@@ -262,7 +262,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._skipped_updates = 0
         self._window_steps = 0
         self._window_weight = 0.0
-        # Sticky: a micro-step weight != 1 was passed, so every parameter
+        # Sticky: a micro-step `weight` was passed, so every parameter
         # accumulates in a side buffer from then on.
         self._weighted = False
         # Buffered parameters that got a gradient in the open window.
@@ -613,8 +613,9 @@ class AccumOptimizer(torch.optim.Optimizer):
                 ts = [merged[i] for i in idx]
                 torch._foreach_clamp_min_(ts, -cfg.clipvalue)
                 torch._foreach_clamp_max_(ts, cfg.clipvalue)
-            norms = _norms(merged)  # Norm clipping sees the value-clipped gradient.
-            total = _global_norm(norms, device)
+            if cfg.clipnorm is not None or cfg.global_clipnorm is not None:
+                norms = _norms(merged)  # Norm clipping sees the value-clipped gradient.
+                total = _global_norm(norms, device)
         if cfg.clipnorm is not None:
             c = cfg.clipnorm
             for t, n in zip(merged, norms):
