@@ -355,6 +355,17 @@ def test_float32_side_buffer_holds_the_window_and_grad_is_cleared():
     assert acc.dtype == torch.float32 and torch.equal(acc, torch.ones(3))
 
 
+def test_accumulator_dtype_equal_to_param_dtype_stays_in_grad():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = AccumOptimizer(torch.optim.SGD([p], lr=1.0), merge_grad=3, accumulator_dtype="float32")
+    for _ in range(2):
+        _backward([p], [np.ones(3, np.float32)])
+        opt.step()
+        opt.zero_grad()
+    assert not opt.state  # no side buffer: the window is in .grad
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
 def test_weight_first_passed_mid_window_raises_before_changing_anything():
     params = _torch_params([np.zeros(2, np.float32)])
     opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), merge_grad=2)

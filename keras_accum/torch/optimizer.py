@@ -114,10 +114,13 @@ class AccumOptimizer(torch.optim.Optimizer):
       bfloat16 parameters), or in the parameter dtype once a micro-step
       `weight` is passed (`w * g` cannot be formed inside a `.grad` that
       already holds the earlier micro-steps; from then on the optimizer keeps
-      using buffers, so pass `weight` at every micro-step or never). Costs one buffer per parameter
-      (`numel * itemsize` of the accumulator dtype), plus one fused
-      read-add pass over the gradients per micro-step; `step()` moves `.grad`
-      into the buffer and sets `.grad = None`.
+      using buffers, so pass `weight` at every micro-step or never). Costs
+      one buffer per parameter (`numel * itemsize` of the accumulator dtype)
+      while a window is open, and one pass over the gradients per micro-step
+      (`buf = w * g` at the window's first, `buf += w * g` after); `step()`
+      moves `.grad` into the buffer and sets `.grad = None`. At the update a
+      buffer of the parameter's dtype becomes the `.grad` handed on (no
+      copy); another dtype costs one cast copy.
     * `on_nonfinite="raise"`: one min/max read pass and a host sync per
       micro-step. `"skip"` (the default): one host sync per update.
     * `use_ema`: one float32 (float64 for float64 params) copy of every
@@ -265,8 +268,6 @@ class AccumOptimizer(torch.optim.Optimizer):
         # Sticky: a micro-step `weight` was passed, so every parameter
         # accumulates in a side buffer from then on.
         self._weighted = False
-        # Buffered parameters that got a gradient in the open window.
-        self._touched: set = set()
         # The GradScaler scale the open window was accumulated at.
         self._window_scale: torch.Tensor | None = None
         self._last_grad_norm: torch.Tensor | None = None
@@ -505,28 +506,36 @@ class AccumOptimizer(torch.optim.Optimizer):
             )
 
     def _accumulate(self, params: list, w: float) -> None:
-        """Moves this micro-step's `w * .grad` into the side buffers (if any)."""
-        pairs = []
+        """Moves this micro-step's `w * .grad` into the side buffers (if any).
+
+        A parameter's buffer exists from its first gradient in a window to
+        the window's end, so "has a buffer" is "was seen in this window".
+        """
+        moved, groups = [], {}
         for p in params:
-            if p.grad is None or not self._buffered(p):
+            g = p.grad
+            if g is None or not self._buffered(p):
                 continue  # In `.grad` mode autograd has already accumulated.
             state = self.state[p]
             buf = state.get("accumulator")
             if buf is None:
-                buf = state["accumulator"] = torch.zeros_like(
-                    p, dtype=self._acc_dtype or p.dtype, memory_format=torch.preserve_format
-                )
-            pairs.append((buf, p.grad))
-            self._touched.add(p)
-            p.grad = None  # The buffer holds it now; the next backward starts afresh.
-        if not pairs:
-            return
-        groups: dict = {}
-        for buf, g in pairs:
-            groups.setdefault((buf.device, buf.dtype, g.dtype), []).append((buf, g))
+                # The window's first gradient: the buffer starts as w * g, in
+                # one pass. A new tensor: .grad may be a view into a DDP
+                # bucket, so it is never taken over.
+                dtype = self._acc_dtype or g.dtype
+                if dtype == g.dtype:
+                    state["accumulator"] = torch.mul(g, w)
+                else:
+                    buf = g.to(dtype)
+                    state["accumulator"] = buf if w == 1.0 else buf.mul_(w)
+            else:
+                groups.setdefault((buf.device, buf.dtype, g.dtype), []).append((buf, g))
+            moved.append(p)
         for group in groups.values():
             bufs, gs = zip(*group)
             torch._foreach_add_(list(bufs), list(gs), alpha=w)
+        for p in moved:
+            p.grad = None  # The buffer holds it now; the next backward starts afresh.
 
     # ------------------------------------------------------------------ update
     def _merged(self, params: list) -> tuple[list, list]:
@@ -534,8 +543,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         tensors, owners = [], []
         for p in params:
             if self._buffered(p):
-                if p in self._touched:
-                    tensors.append(self.state[p]["accumulator"])
+                acc = self.state.get(p, {}).get("accumulator")
+                if acc is not None:
+                    tensors.append(acc)
                     owners.append(p)
             elif p.grad is not None:
                 tensors.append(p.grad)
@@ -572,7 +582,9 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._clip(merged, norms, total, device)
             for t, p in zip(merged, owners):
                 if self._buffered(p):
-                    p.grad = t.to(dtype=p.dtype, copy=True)
+                    # The buffer itself when the dtypes agree (it is dropped
+                    # below, so nothing aliases it), else a cast copy.
+                    p.grad = t.to(dtype=p.dtype)
             self.inner_optimizer.step()
             self._iterations += 1
             if cfg.use_ema:
@@ -628,9 +640,10 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def _reset_window(self, params: list, discard_grads: bool) -> None:
         """Resets by assignment, never by subtraction (one inf must not leak on)."""
-        for p in self._touched:
-            self.state[p]["accumulator"].zero_()
-        self._touched.clear()
+        for p in params:
+            state = self.state.get(p)
+            if state and state.pop("accumulator", None) is not None and not state:
+                del self.state[p]
         if discard_grads:
             # A skipped window: its sum in `.grad` goes (zero_grad() would too).
             for p in params:
@@ -817,7 +830,6 @@ class AccumOptimizer(torch.optim.Optimizer):
                     # A new dict: the packed state shares its dicts with self.state.
                     sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": p.grad}
         sd["inner"] = self.inner_optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(params)}
         sd["accum"] = {
             "format_version": _core.FORMAT_VERSION,
             "signature": dict(self._signature),
@@ -828,7 +840,6 @@ class AccumOptimizer(torch.optim.Optimizer):
             "window_steps": torch.tensor(self._window_steps, dtype=torch.int64),
             "window_weight": torch.tensor(self._window_weight, dtype=torch.float64),
             "weighted": self._weighted,
-            "touched": sorted(index[id(p)] for p in self._touched),
             "window_scale": self._window_scale,
             "last_grad_norm": self._last_grad_norm,
         }
@@ -874,7 +885,6 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_steps = int(accum["window_steps"])
         self._window_weight = float(accum["window_weight"])
         self._weighted = bool(accum["weighted"])
-        self._touched = {params[i] for i in accum["touched"]}
         scale = accum.get("window_scale")
         self._window_scale = None if scale is None else scale.detach().clone()
         norm = accum.get("last_grad_norm")
@@ -929,9 +939,3 @@ class AccumOptimizer(torch.optim.Optimizer):
                         f"{tuple(params[i].shape)}, its saved {key!r} {tuple(t.shape)} "
                         "(nothing was loaded)."
                     )
-        accum = state_dict["accum"]
-        if any(not (isinstance(i, int) and 0 <= i < len(params)) for i in accum["touched"]):
-            raise ValueError(
-                "Cannot load optimizer state: its open window names unknown "
-                "parameters (nothing was loaded)."
-            )
