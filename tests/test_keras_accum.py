@@ -454,3 +454,39 @@ def test_import_keras_accum_imports_no_torch():
 def test_public_names():
     assert set(keras_accum.__all__) >= {"AccumOptimizer", "SwapEMAWeights", "FlushWindow"}
     assert isinstance(AccumOptimizer("adam"), keras.optimizers.Optimizer)
+
+
+def test_raise_policy_with_weight_and_none_gradient():
+    """A None gradient next to a weighted micro-step under "raise" is just zero."""
+    params = make_params()
+    v = make_variables(params)
+    opt = AccumOptimizer(keras.optimizers.SGD(1.0), merge_grad=2, on_nonfinite="raise")
+    g = [tf.ones_like(x) for x in v]
+    opt.apply([g[0], None, g[2]], v, weight=2.0)
+    opt.apply(g, v, weight=2.0)
+    np.testing.assert_allclose(v[0].numpy(), params[0] - 1.0)  # mean of two 1s
+    np.testing.assert_allclose(v[1].numpy(), params[1] - 0.5)  # (0*2 + 1*2) / 4
+    with pytest.raises(FloatingPointError, match="micro-step 3"):
+        opt.apply([g[0] * np.inf, None, g[2]], v, weight=2.0)
+
+
+class _PyFuncSGD(keras.optimizers.SGD):
+    """An SGD whose update runs a NumPy function, which XLA cannot compile."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        step = tf.numpy_function(lambda g: g * np.float32(0.1), [gradient], tf.float32)
+        variable.assign_sub(tf.reshape(step, tf.shape(variable)))
+
+
+def test_xla_fallback_warns_once_and_gives_the_same_numbers():
+    case = next(c for c in CASES if c.id == "merge4")
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    opt = AccumOptimizer(_PyFuncSGD(0.1), **case.kwargs)
+    with pytest.warns(UserWarning, match="XLA could not compile the step") as record:
+        got = run_stream(opt, make_variables(params), stream)
+    assert sum("XLA could not compile" in str(w.message) for w in record) == 1
+    _assert_close(got, oracle.params)
+    assert int(opt.iterations.numpy()) == oracle.iterations

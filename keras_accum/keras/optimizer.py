@@ -414,7 +414,10 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         finite = tf.constant(True)
         if self.on_nonfinite == "raise":
             finite = _all_finite(
-                [g if weight is None else tf.cast(g, weight.dtype) * weight for g in grads]
+                [
+                    g if g is None or weight is None else tf.cast(g, weight.dtype) * weight
+                    for g in grads
+                ]
             )
             if assert_finite:
                 tf.debugging.Assert(
