@@ -7,6 +7,23 @@ import numpy as np
 import tensorflow as tf
 
 
+def small_model(seed=1):
+    """A 5 -> 4 (tanh) -> 2 MLP with fixed initial weights."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)]
+    )
+
+
+def small_data(n=64, seed=0):
+    """Inputs (n, 5) and targets (n, 2), standard normal float32."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, 5)).astype(np.float32),
+        rng.standard_normal((n, 2)).astype(np.float32),
+    )
+
+
 def make_variables(params, dtype="float32"):
     return [keras.Variable(np.array(p), dtype=dtype, name=f"v{i}") for i, p in enumerate(params)]
 

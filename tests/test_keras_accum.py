@@ -485,8 +485,18 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
     for grads, weight in stream:
         oracle.step(grads, weight)
     opt = AccumOptimizer(_PyFuncSGD(0.1), **case.kwargs)
+    bodies = []
+    step_body = opt._micro_step
+
+    def counting(*args, **kwargs):
+        bodies.append(1)
+        return step_body(*args, **kwargs)
+
+    opt._micro_step = counting
     with pytest.warns(UserWarning, match="XLA could not compile the step") as record:
         got = run_stream(opt, make_variables(params), stream)
     assert sum("XLA could not compile" in str(w.message) for w in record) == 1
+    # Traced twice (the XLA try, then the plain tf.function), not run per micro-step.
+    assert len(bodies) == 2 < len(stream)
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations

@@ -23,6 +23,8 @@ try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.
 except ImportError:  # tests/ as a package
     from tests import cases
     from tests import reference as ref
+from keras_driver import small_data as _data
+from keras_driver import small_model as _make_model
 
 from keras_accum import AccumOptimizer
 
@@ -99,19 +101,6 @@ def _oracle(case, momentum=0.9):
     return oracle
 
 
-def _make_model(seed=1):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)]
-    )
-
-
-def _data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((n, 5)).astype(np.float32),
-        rng.standard_normal((n, 2)).astype(np.float32),
-    )
 
 
 def _fit(x, y, optimizer, batch_size, jit_compile=False, epochs=2, initial_weights=None):

@@ -166,8 +166,6 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         )
         self._state_guard = _StateGuard(self._signature)
         self._jit_step = None
-        self._jit_failed = False
-        self._swap_backup = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -353,7 +351,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         if weight is not None:
             weight = tf.cast(weight, self.accumulator_dtype)
 
-        if tf.executing_eagerly() and self.jit_compile and not self._jit_failed:
+        if tf.executing_eagerly() and self.jit_compile:
             finite = self._call_jitted(aligned, weight)
         elif tf.executing_eagerly():
             finite = self._micro_step(aligned, weight)
@@ -391,7 +389,6 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 f"{str(e).splitlines()[0][:200]}).",
                 stacklevel=3,
             )
-            self._jit_failed = True
             self._jit_step = tf.function(self._micro_step)
             return self._jit_step(aligned, weight)
 
