@@ -478,25 +478,54 @@ class _PyFuncSGD(keras.optimizers.SGD):
         variable.assign_sub(tf.reshape(step, tf.shape(variable)))
 
 
-def test_xla_fallback_warns_once_and_gives_the_same_numbers():
+class _PyFuncAccum(AccumOptimizer):
+    """A subclass whose micro-step adds through a NumPy function (XLA cannot compile it)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        acc = self._accumulators[self._get_variable_index(variable)]
+        added = tf.numpy_function(lambda g: g * np.float32(1.0), [gradient], tf.float32)
+        acc.assign_add(tf.reshape(added, tf.shape(acc)))
+
+
+def test_inner_op_xla_cannot_compile_runs_unjitted_without_warning():
+    """The inner optimizer never runs under our XLA function: it runs eagerly."""
+    import warnings
+
     case = next(c for c in CASES if c.id == "merge4")
     params, stream = make_params(), make_stream(case)
     oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
     for grads, weight in stream:
         oracle.step(grads, weight)
     opt = AccumOptimizer(_PyFuncSGD(0.1), **case.kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run_stream(opt, make_variables(params), stream)
+    _assert_close(got, oracle.params)
+    assert opt._accumulate_jitted
+
+
+def test_xla_fallback_warns_once_and_gives_the_same_numbers():
+    case = next(c for c in CASES if c.id == "merge4")
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    opt = _PyFuncAccum(keras.optimizers.SGD(0.1), **case.kwargs)
     bodies = []
     step_body = opt._micro_step
 
     def counting(*args, **kwargs):
-        bodies.append(1)
+        bodies.append(kwargs.get("closes"))
         return step_body(*args, **kwargs)
 
     opt._micro_step = counting
     with pytest.warns(UserWarning, match="XLA could not compile the step") as record:
         got = run_stream(opt, make_variables(params), stream)
     assert sum("XLA could not compile" in str(w.message) for w in record) == 1
-    # Traced twice (the XLA try, then the plain tf.function), not run per micro-step.
-    assert len(bodies) == 2 < len(stream)
+    # The accumulate function traced twice (the XLA try, then the plain
+    # tf.function), not run per micro-step; the updates ran eagerly.
+    assert bodies.count(False) == 2
+    assert bodies.count(True) == oracle.iterations
+    assert not opt._accumulate_jitted
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
+import weakref
 from typing import Any
 
 import keras
@@ -20,6 +22,7 @@ from keras.src.saving import serialization_lib
 from tensorflow.python.ops import control_flow_util
 
 from keras_accum import _core
+from keras_accum.keras import _distribute
 
 _SIGNATURE_KEY = "keras_accum_signature"
 
@@ -165,7 +168,12 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             config.state_signature(type(inner).__name__)
         )
         self._state_guard = _StateGuard(self._signature)
-        self._jit_step = None
+        # Eager micro-steps: the host's copy of `window_steps` (None: read the
+        # variable) and the two step functions, traced on first use.
+        self._host_window_steps = None
+        self._accumulate_fn = None
+        self._accumulate_jitted = False
+        self._loss_scaler_ref = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -252,51 +260,54 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------- build
     def build(self, var_list):
-        """Creates the accumulators, counters and EMA shadows, and builds the inner optimizer."""
+        """Creates the accumulators, counters and EMA shadows, and builds the inner optimizer.
+
+        Under a `tf.distribute` strategy the accumulators are replica-local
+        (each replica adds into its own copy; reading one in cross-replica
+        context, as saving does, gives the sum over replicas), and every other
+        variable is mirrored and only written in cross-replica context.
+        """
         if self.built:
             return
         var_list = list(var_list)
+        strategy = self._bind_strategy()
         acc_dtype = self.accumulator_dtype
         # Variables made while a `tf.function` traces its first call must
-        # be lifted out of the graph (keras-team/keras#23085).
-        with tf.init_scope():
+        # be lifted out of the graph (keras-team/keras#23085); the strategy
+        # is entered again because the outer graph may not have it in scope.
+        with tf.init_scope(), _distribute.scope_of(strategy):
             self.inner_optimizer.build(var_list)
+            # The merged gradients we hand on are sums over replicas already.
+            self.inner_optimizer._all_reduce_sum_gradients = _distribute.already_reduced
             self._inner_slots = _slots_by_variable(self.inner_optimizer, var_list)
             self._accumulators = [
-                self.add_variable(
-                    shape=v.shape,
-                    dtype=acc_dtype,
-                    name=f"{_var_name(v)}_accumulator",
+                _distribute.replica_local_variable(
+                    self, v.shape, acc_dtype, f"{_var_name(v)}_accumulator"
                 )
                 for v in var_list
             ]
             n = len(var_list)
+            counter = functools.partial(self.add_variable, aggregation="only_first_replica")
             # 1 where the variable got a gradient in the open window.
-            self._seen = self.add_variable(shape=(n,), dtype="int32", name="seen")
-            self._window_weight = self.add_variable(shape=(), dtype=acc_dtype, name="window_weight")
-            self._window_steps = self.add_variable(shape=(), dtype="int64", name="window_steps")
-            self._micro_steps = self.add_variable(shape=(), dtype="int64", name="micro_steps")
-            self._skipped_updates = self.add_variable(
-                shape=(), dtype="int64", name="skipped_updates"
-            )
-            self._last_grad_norm = self.add_variable(
-                shape=(), dtype=acc_dtype, name="last_grad_norm"
-            )
+            self._seen = counter(shape=(n,), dtype="int32", name="seen")
+            self._window_weight = counter(shape=(), dtype=acc_dtype, name="window_weight")
+            self._window_steps = counter(shape=(), dtype="int64", name="window_steps")
+            self._micro_steps = counter(shape=(), dtype="int64", name="micro_steps")
+            self._skipped_updates = counter(shape=(), dtype="int64", name="skipped_updates")
+            self._last_grad_norm = counter(shape=(), dtype=acc_dtype, name="last_grad_norm")
             if self.use_ema:
                 self._ema = [
-                    self.add_variable(shape=v.shape, dtype=acc_dtype, name=f"{_var_name(v)}_ema")
+                    counter(shape=v.shape, dtype=acc_dtype, name=f"{_var_name(v)}_ema")
                     for v in var_list
                 ]
-                self._ema_swapped = self.add_variable(shape=(), dtype="int32", name="ema_swapped")
+                self._ema_swapped = counter(shape=(), dtype="int32", name="ema_swapped")
                 # Raw weights while the EMA is swapped in. float32 variables
                 # trade places with their float32 shadow (no extra memory);
                 # others need a copy in their own dtype (a cast would round).
                 self._raw_backup = [
                     None
                     if v.dtype == acc_dtype
-                    else self.add_variable(
-                        shape=v.shape, dtype=v.dtype, name=f"{_var_name(v)}_raw_backup"
-                    )
+                    else counter(shape=v.shape, dtype=v.dtype, name=f"{_var_name(v)}_raw_backup")
                     for v in var_list
                 ]
             else:
@@ -305,26 +316,63 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         for i, variable in enumerate(var_list):
             self._trainable_variables_indices[self._var_key(variable)] = i
         self._trainable_variables = var_list[:]
+        self._host_window_steps = 0
         self.built = True
 
+    def _bind_strategy(self):
+        """The strategy the variables are made under, checked against the caller's.
+
+        Keras users create the optimizer inside `strategy.scope()`. One made
+        outside any strategy and first built inside one is bound to it (none
+        of its variables is distributed yet, except the step counters, which
+        are only ever written in cross-replica context).
+        """
+        current = tf.distribute.get_strategy()
+        made_under = self._distribution_strategy
+        if current is made_under or not tf.distribute.has_strategy():
+            return made_under
+        if not _distribute.is_default(made_under):
+            raise RuntimeError(
+                f"AccumOptimizer '{self.name}' was created under another "
+                "`tf.distribute` strategy than the one it is built in. Create the "
+                "optimizer (and compile the model) inside the `strategy.scope()` "
+                "it trains under."
+            )
+        self._distribution_strategy = current
+        self.inner_optimizer._distribution_strategy = current
+        return current
+
     # ------------------------------------------------------------------- apply
-    def apply_gradients(self, grads_and_vars, weight=None):
+    def apply_gradients(self, grads_and_vars, weight=None, skip_gradients_aggregation=False):
         """Takes one micro-step: `apply_gradients(zip(grads, vars), weight=None)`.
 
         Args:
             grads_and_vars: iterable of `(gradient, variable)` pairs; a `None`
                 gradient contributes zero for this micro-step.
             weight: optional number or scalar tensor >= 0, this micro-step's
-                weight `w` (a sample or token count); defaults to 1.
+                weight `w` (a sample or token count); defaults to 1. Under a
+                `tf.distribute` strategy every replica passes the same value:
+                the micro-step's global weight (for example its global sample
+                count), not the replica's share.
+            skip_gradients_aggregation: bool. Under a strategy of `n`
+                replicas, True means the gradients were already summed across
+                replicas by the caller (as with `aggregate_gradients`), so
+                each replica adds `g / n` and the once-per-update sum gives
+                `g` again. Ignored without a strategy. Defaults to False.
 
         Returns:
             `iterations`, the number of updates applied.
         """
         grads, trainable_variables = zip(*grads_and_vars)
-        self.apply(grads, trainable_variables, weight=weight)
+        self.apply(
+            grads,
+            trainable_variables,
+            weight=weight,
+            skip_gradients_aggregation=skip_gradients_aggregation,
+        )
         return self.iterations
 
-    def apply(self, grads, trainable_variables=None, weight=None):
+    def apply(self, grads, trainable_variables=None, weight=None, skip_gradients_aggregation=False):
         """Takes one micro-step (see `apply_gradients`)."""
         grads = list(grads)
         if trainable_variables is None:
@@ -346,16 +394,31 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             aligned = [None] * len(self._trainable_variables)
             for g, v in zip(grads, trainable_variables):
                 aligned[self._get_variable_index(v)] = g
+        aligned = [_as_dense_or_slices(g) for g in aligned]
         if isinstance(weight, (int, float, np.number)) or weight is None:
             weight = _core.validate_weight(weight)
         if weight is not None:
             weight = tf.cast(weight, self.accumulator_dtype)
+        if tf.distribute.in_cross_replica_context() and _distribute.multi_replica():
+            raise RuntimeError(
+                f"AccumOptimizer '{self.name}': `apply_gradients` must be called in "
+                "replica context under a strategy of several replicas, i.e. inside "
+                "`strategy.run(step_fn)` (`model.fit` does this)."
+            )
+        if skip_gradients_aggregation and _distribute.multi_replica():
+            # Already summed over replicas: the update's sum must not count
+            # them n times (exact for a power-of-two number of replicas).
+            inv = 1.0 / _distribute.num_replicas()
+            aligned = [g if g is None else _scale_gradient(g, inv) for g in aligned]
 
-        if tf.executing_eagerly() and self.jit_compile:
-            finite = self._call_jitted(aligned, weight)
-        elif tf.executing_eagerly():
-            finite = self._micro_step(aligned, weight)
-        else:
+        if not tf.executing_eagerly():
+            if _distribute.multi_replica() and _in_xla_context():
+                raise RuntimeError(
+                    f"AccumOptimizer '{self.name}': XLA cannot compile a step that spans "
+                    "the several devices of a `tf.distribute` strategy (TensorFlow refuses "
+                    "it for plain Keras optimizers too). Compile the model with "
+                    "`jit_compile=False` under the strategy."
+                )
             if self.on_nonfinite == "raise" and _in_xla_context():
                 raise RuntimeError(
                     "`on_nonfinite='raise'` cannot raise inside an XLA-compiled "
@@ -363,9 +426,16 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                     "`jit_compile=False`, or use `on_nonfinite='skip'`. "
                     "Received: on_nonfinite='raise'"
                 )
+            # The caller traces: one graph serves every micro-step, and the
+            # window decision is a `cond` on the step counter.
+            self._host_window_steps = None
             self._micro_step(aligned, weight, assert_finite=True)
             return
-        if self.on_nonfinite == "raise" and not bool(finite):
+        if _distribute.in_replica_context_of_many():
+            finite = self._micro_step(aligned, weight)  # eager `strategy.run`
+        else:
+            finite = self._eager_micro_step(aligned, weight)
+        if self._raise_checked() and not bool(finite):
             raise FloatingPointError(
                 f"on_nonfinite='raise': non-finite gradient at micro-step "
                 f"{int(self._micro_steps.numpy()) + 1} (window position "
@@ -373,49 +443,99 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 "nothing was accumulated."
             )
 
-    def _call_jitted(self, aligned, weight):
-        if self._jit_step is None:
-            self._jit_step = tf.function(self._micro_step, jit_compile=True)
+    def _eager_micro_step(self, aligned, weight):
+        """An eager micro-step: the host knows whether it closes the window.
+
+        So a non-update micro-step runs one compiled function that only
+        accumulates (XLA when `jit_compile`, traced once per gradient
+        structure), with no conditional that would make XLA write back every
+        variable the update could touch; the closing one runs eagerly, as the
+        inner optimizer runs alone in an eager loop: the same kernels, so
+        `merge_grad=1` is bit-identical to it and an update costs what the
+        plain optimizer's eager step costs.
+        """
+        position = self._host_window_steps
+        if position is None:  # after a load, a restore or a traced call
+            position = int(self._window_steps.numpy())
+        closes = position + 1 >= self.merge_grad
+        if closes:
+            finite = self._micro_step(aligned, weight, closes=True)
+        else:
+            finite = self._accumulate_step(aligned, weight)
+        if self._raise_checked() and not bool(finite):
+            self._host_window_steps = position
+        else:
+            self._host_window_steps = 0 if closes else position + 1
+        return finite
+
+    def _accumulate_step(self, aligned, weight):
+        if self._accumulate_fn is None:
+            self._accumulate_jitted = self.jit_compile
+            self._accumulate_fn = tf.function(
+                functools.partial(self._micro_step, closes=False), jit_compile=self.jit_compile
+            )
         try:
-            return self._jit_step(aligned, weight)
+            return self._accumulate_fn(aligned, weight)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-            # XLA refuses some ops (sparse gradients, some custom kernels); it
-            # refuses before running anything, so no state has moved.
-            if "XLA" not in str(e) and "xla" not in str(e) and "compil" not in str(e):
+            # XLA refuses some ops (custom kernels in an overridden
+            # `update_step`); it refuses before running anything, so no state
+            # has moved.
+            message = str(e)
+            if not self._accumulate_jitted or not any(
+                word in message for word in ("XLA", "xla", "compil")
+            ):
                 raise
             warnings.warn(
                 f"AccumOptimizer '{self.name}': XLA could not compile the step, "
                 f"so it runs as a plain tf.function from now on ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}).",
-                stacklevel=3,
+                f"{message.splitlines()[0][:200]}).",
+                stacklevel=4,
             )
-            self._jit_step = tf.function(self._micro_step)
-            return self._jit_step(aligned, weight)
+            self._accumulate_jitted = False
+            self._accumulate_fn = tf.function(functools.partial(self._micro_step, closes=False))
+            return self._accumulate_fn(aligned, weight)
+
+    def _raise_checked(self) -> bool:
+        """Whether each micro-step is checked for non-finite values ("raise").
+
+        Under a LossScaleOptimizer an overflow is the loss scale's business:
+        its window is skipped and the scale lowered, as torch's GradScaler does.
+        """
+        return self.on_nonfinite == "raise" and self._loss_scaler() is None
 
     def update_step(self, gradient, variable, learning_rate):
         """Adds one (weighted) gradient into `variable`'s accumulator.
 
         The inner optimizer does the real update, once per window; this is
-        the per-variable work of a micro-step.
+        the per-variable work of a micro-step, on this replica's accumulator.
         """
-        acc = self._accumulators[self._get_variable_index(variable)]
-        acc.assign_add(tf.cast(gradient, acc.dtype))
+        i = self._get_variable_index(variable)
+        acc = self._accumulators[i]
+        if isinstance(gradient, tf.IndexedSlices):
+            # Memory: none beyond the accumulator; time: one scatter of the
+            # rows present (duplicates add up), not a dense pass.
+            _distribute.local_component(acc).scatter_add(gradient)
+        elif _overwrites_with_gradient(variable):
+            # float8 scaling state: Keras (and the large batch) keep the
+            # window's maximum, not a sum.
+            first = self._window_steps == 0
+            acc.assign(tf.where(first, gradient, tf.maximum(acc, gradient)))
+        else:
+            acc.assign_add(gradient)
 
-    def _micro_step(self, grads, weight, assert_finite=False):
-        """One micro-step, traceable: accumulate, then `cond` on the window.
+    def _micro_step(self, grads, weight, assert_finite=False, closes=None):
+        """One micro-step, traceable: accumulate here, decide once for all replicas.
 
         `grads` is aligned with the built variables (None where absent).
-        Returns whether this micro-step's gradients were finite ("raise"
-        policy), else True.
+        `closes`: None to decide at run time (a `cond` on the window counter,
+        for graphs that serve every micro-step), True or False when the
+        caller knows. Returns whether this micro-step's gradients were finite
+        ("raise" policy), else True.
         """
+        present = tuple(g is not None for g in grads)
         finite = tf.constant(True)
-        if self.on_nonfinite == "raise":
-            finite = _all_finite(
-                [
-                    g if g is None or weight is None else tf.cast(g, weight.dtype) * weight
-                    for g in grads
-                ]
-            )
+        if self._raise_checked():
+            finite = _all_finite([g if g is None else _weighted(g, weight) for g in grads])
             if assert_finite:
                 tf.debugging.Assert(
                     finite,
@@ -424,20 +544,40 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                         self._micro_steps + 1,
                     ],
                 )
-            tf.cond(finite, lambda: _no_output(self._accumulate(grads, weight)), lambda: None)
+            tf.cond(
+                finite, lambda: _no_output(self._accumulate(grads, weight)), lambda: None
+            )
         else:
             self._accumulate(grads, weight)
+
+        def decide(weight, finite):
+            if self._raise_checked():
+                tf.cond(
+                    finite,
+                    lambda: _no_output(self._close_or_count(present, weight, closes)),
+                    lambda: None,
+                )
+            else:
+                self._close_or_count(present, weight, closes)
+
+        _distribute.call_in_cross_replica_context(decide, weight, finite)
         return finite
 
     def _accumulate(self, grads, weight):
-        present = tuple(g is not None for g in grads)
+        """This replica's share of a micro-step: `acc += w * g`, no communication."""
         for g, v in zip(grads, self._trainable_variables):
             if g is None:
                 continue
             if isinstance(g, tf.IndexedSlices):
-                g = tf.convert_to_tensor(g)
-            g = tf.cast(g, self.accumulator_dtype)
-            self.update_step(g if weight is None else g * weight, v, None)
+                g = _scatter_ready(g, self.accumulator_dtype)
+            else:
+                g = tf.cast(g, self.accumulator_dtype)
+            if weight is not None and not _overwrites_with_gradient(v):
+                g = _scale_gradient(g, weight)
+            self.update_step(g, v, None)
+
+    def _close_or_count(self, present, weight, closes):
+        """Counts the micro-step, then closes the window if it is due (cross-replica)."""
         if all(present):
             self._seen.assign(tf.ones_like(self._seen))
         elif any(present):
@@ -448,34 +588,54 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         )
         self._window_steps.assign_add(one)
         self._micro_steps.assign_add(one)
-        tf.cond(
-            self._window_steps >= self.merge_grad,
-            lambda: _no_output(self._update(present)),
-            lambda: None,
-        )
+        if closes is None:
+            tf.cond(
+                self._window_steps >= self.merge_grad,
+                lambda: _no_output(self._update(present)),
+                lambda: None,
+            )
+        elif closes:
+            self._update(present)
 
     # ------------------------------------------------------------------ update
     def _update(self, present):
         """Closes the window: merge, check, clip, one inner step, EMA, reset.
 
+        Runs once for all replicas (cross-replica context): the accumulators
+        are summed over replicas here, once per update, and every decision
+        below is taken on that sum, so every replica takes the same one.
         `present[i]` is True when variable i is known (at trace time) to have
         a gradient in this window; otherwise `_seen` decides at run time.
         """
-        if self.reduction == "mean":
-            merged = [acc / self._window_weight for acc in self._accumulators]
-        else:
-            merged = [tf.identity(acc) for acc in self._accumulators]
+        sums = _distribute.sum_over_replicas(self._accumulators)
+        merged = []
+        scaler = self._loss_scaler()
+        for acc_sum, v in zip(sums, self._trainable_variables):
+            if _overwrites_with_gradient(v):
+                merged.append(acc_sum)  # a maximum, never divided or unscaled
+                continue
+            g = acc_sum
+            if self.reduction == "mean":
+                g = g / self._window_weight
+            if scaler is not None:
+                g = g / tf.cast(scaler.dynamic_scale, g.dtype)
+            merged.append(g)
         # Never-seen accumulators are exactly zero: they add nothing to the norm.
         norm = _global_norm(merged)
         self._last_grad_norm.assign(norm)
-        if self.on_nonfinite == "skip":
+        if self.on_nonfinite == "skip" or scaler is not None:
+            # One read pass: the norm is finite iff every element is, unless
+            # only the sum of squares overflowed (then look, exactly).
+            finite = tf.cond(
+                tf.math.is_finite(norm), lambda: tf.constant(True), lambda: _all_finite(merged)
+            )
             tf.cond(
-                _all_finite(merged),
-                lambda: self._apply_merged(merged, present),
-                lambda: _no_output(self._skipped_updates.assign_add(1)),
+                finite,
+                lambda: self._apply_merged(merged, present, norm),
+                lambda: _no_output(self._skip_window()),
             )
         else:
-            self._apply_merged(merged, present)
+            self._apply_merged(merged, present, norm)
         for acc in self._accumulators:
             # Reset by assignment, never by subtraction or scaling: one inf
             # must not turn later windows into NaN.
@@ -484,23 +644,36 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         self._window_weight.assign(tf.zeros_like(self._window_weight))
         self._window_steps.assign(tf.zeros_like(self._window_steps))
 
-    def _clip(self, merged):
+    def _skip_window(self):
+        self._skipped_updates.assign_add(1)
+        scaler = self._loss_scaler()
+        if scaler is not None:  # as LossScaleOptimizer does on a non-finite step
+            scaler.step_counter.assign(0)
+            scaler.dynamic_scale.assign(scaler.dynamic_scale * 0.5)
+
+    def _clip(self, merged, norm):
         cfg = self._config
         if cfg.clipvalue is not None:
             merged = [tf.clip_by_value(g, -cfg.clipvalue, cfg.clipvalue) for g in merged]
+            norm = None  # clipping by value changed it
         if cfg.clipnorm is not None:
             merged = [g * cfg.clipnorm / tf.maximum(tf.norm(g), cfg.clipnorm) for g in merged]
         elif cfg.global_clipnorm is not None:
             c = cfg.global_clipnorm
-            scale = c / tf.maximum(_global_norm(merged), c)
+            if norm is None:
+                norm = _global_norm(merged)
+            scale = c / tf.maximum(norm, c)
             merged = [g * scale for g in merged]
         return merged
 
-    def _apply_merged(self, merged, present):
+    def _apply_merged(self, merged, present, norm):
         inner = self.inner_optimizer
-        merged = self._clip(merged)
+        clipped = [
+            g if _overwrites_with_gradient(v) else c
+            for g, c, v in zip(merged, self._clip(merged, norm), self._trainable_variables)
+        ]
         variables = self._trainable_variables
-        grads = [tf.cast(g, v.dtype) for g, v in zip(merged, variables)]
+        grads = [tf.cast(g, v.dtype) for g, v in zip(clipped, variables)]
         # A variable without gradient at the closing micro-step may have one
         # from earlier in the window (then its accumulator holds it), or none
         # at all (then it must not move). One inner step over every variable
@@ -512,7 +685,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             for i in dynamic
             for group in [[variables[i]] + self._inner_slots[i]]
         ]
-        inner.apply(grads, variables)
+        _distribute.run_in_each_replica(lambda g: inner.apply(g, variables), grads)
         for i, group, values in kept:
 
             def _restore(group=group, values=values):
@@ -523,6 +696,15 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             tf.cond(self._seen[i] > 0, lambda: None, _restore)
         if self.use_ema:
             self._update_ema()
+        scaler = self._loss_scaler()
+        if scaler is not None:  # as LossScaleOptimizer does on a finite step
+            tf.cond(
+                tf.equal(scaler.step_counter, scaler.dynamic_growth_steps - 1),
+                lambda: _no_output(
+                    [scaler.step_counter.assign(0), scaler.dynamic_scale.assign(scaler.dynamic_scale * 2.0)]
+                ),
+                lambda: _no_output(scaler.step_counter.assign_add(1)),
+            )
         return None
 
     def _update_ema(self):
@@ -549,6 +731,28 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             v.assign(tf.cast(ema, v.dtype))
         return None
 
+    # ------------------------------------------------------------ loss scaling
+    def _loss_scaler(self):
+        """The LossScaleOptimizer wrapping this one, once it has applied through us."""
+        ref = self._loss_scaler_ref
+        return ref() if ref is not None else None
+
+    def _apply_loss_scaled(self, loss_scale_optimizer, grads, trainable_variables):
+        """`LossScaleOptimizer.apply` when it wraps us (`compile` under mixed_float16).
+
+        Keras's LossScaleOptimizer checks each micro-batch (on replica 0
+        alone under a strategy), drops an overflowing one before it reaches
+        us, and moves the scale per micro-batch: the windows would shift and
+        mix scales. Instead every micro-batch is accumulated as it comes, at
+        the window's scale; the update unscales the merged sum and checks it
+        after the cross-replica sum; an overflow anywhere skips the whole
+        window on every replica; the scale moves only there, by the
+        LossScaleOptimizer's own rule (x0.5 on an overflow, x2 after
+        `dynamic_growth_steps` good updates), so a window never mixes scales.
+        """
+        self._loss_scaler_ref = weakref.ref(loss_scale_optimizer)
+        self.apply(grads, trainable_variables)
+
     # ------------------------------------------------------------------- flush
     def flush(self):
         """Applies the open window now, with its true divisor (`window_weight`).
@@ -556,6 +760,8 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         An empty window does nothing. Call it at the end of training (or of an
         epoch) when the number of micro-batches is not a multiple of
         `merge_grad`; until then the open window stays in the saved state.
+        Under a strategy, call it in cross-replica context (outside
+        `strategy.run`), as `model.fit`'s callbacks are.
 
         Returns:
             True if an update was made (or skipped by the non-finite policy),
@@ -564,14 +770,22 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             return False
+        self._host_window_steps = None
         if not tf.executing_eagerly():
             n = len(self._trainable_variables)
-            tf.cond(self._window_steps > 0, lambda: self._update((False,) * n), lambda: None)
+
+            def traced():
+                tf.cond(
+                    self._window_steps > 0, lambda: self._update((False,) * n), lambda: None
+                )
+
+            _distribute.call_in_cross_replica_context(traced)
             return None
         if int(self._window_steps.numpy()) == 0:
             return False
         present = tuple(bool(s) for s in self._seen.numpy())
-        self._update(present)
+        with _distribute.scope_of(self._distribution_strategy):
+            self._update(present)
         return True
 
     # --------------------------------------------------------------------- EMA
@@ -810,13 +1024,59 @@ def _stored_value(variable, dtype):
     return tf.cast(tf.bitcast(tf.bitcast(value, bits), value.dtype), dtype)
 
 
+def _overwrites_with_gradient(variable) -> bool:
+    # Keras float8 training: the "gradient" is the new amax history or scale.
+    return bool(getattr(variable, "overwrite_with_gradient", False))
+
+
+def _as_dense_or_slices(gradient):
+    """A gradient as a tensor or as `tf.IndexedSlices` of tensors (or None).
+
+    Keras accepts slices whose indices are a Python tuple; a `tf.function`
+    signature does not, so they are made tensors here, once.
+    """
+    if gradient is None or not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    return tf.IndexedSlices(
+        tf.convert_to_tensor(gradient.values),
+        tf.convert_to_tensor(gradient.indices),
+        None if gradient.dense_shape is None else tf.convert_to_tensor(gradient.dense_shape),
+    )
+
+
+def _scatter_ready(gradient, dtype):
+    return tf.IndexedSlices(
+        tf.cast(gradient.values, dtype), gradient.indices, gradient.dense_shape
+    )
+
+
+def _scale_gradient(gradient, factor):
+    """`factor * gradient`, for a tensor or `tf.IndexedSlices` (only its values)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values * tf.cast(factor, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return gradient * tf.cast(factor, gradient.dtype)
+
+
+def _weighted(gradient, weight):
+    """The values a micro-step adds, for the "raise" check."""
+    values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+    if weight is None:
+        return values
+    return tf.cast(values, weight.dtype) * weight
+
+
 def _no_output(_):
     # `tf.cond` branches must return the same structure: ours return nothing.
     return None
 
 
 def _all_finite(tensors):
-    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
+    checks = [
+        tf.reduce_all(tf.math.is_finite(t.values if isinstance(t, tf.IndexedSlices) else t))
+        for t in tensors
+        if t is not None
+    ]
     if not checks:
         return tf.constant(True)
     return tf.reduce_all(tf.stack(checks))
@@ -825,3 +1085,34 @@ def _all_finite(tensors):
 def _global_norm(tensors):
     squares = [tf.reduce_sum(tf.square(t)) for t in tensors]
     return tf.sqrt(tf.add_n(squares))
+
+
+def _install_loss_scale_hook():
+    """Lets a `LossScaleOptimizer` that wraps an AccumOptimizer hand it the scaling.
+
+    `model.compile` wraps any optimizer in a LossScaleOptimizer under the
+    `mixed_float16` policy. Its own `apply` would check and drop each
+    micro-batch alone (see `AccumOptimizer._apply_loss_scaled`); when its inner
+    optimizer is an AccumOptimizer, the call goes to us instead. Every other
+    LossScaleOptimizer runs Keras's code unchanged.
+    """
+    cls = keras.optimizers.LossScaleOptimizer
+    original = cls.apply
+    if getattr(original, "_keras_accum_hook", False):
+        return
+
+    @functools.wraps(original)
+    def apply(self, grads, trainable_variables=None):
+        if not isinstance(self.inner_optimizer, AccumOptimizer):
+            return original(self, grads, trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        self.inner_optimizer._apply_loss_scaled(self, grads, trainable_variables)
+
+    apply._keras_accum_hook = True
+    cls.apply = apply
+
+
+_install_loss_scale_hook()
