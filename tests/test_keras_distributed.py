@@ -566,3 +566,38 @@ def test_multi_worker_mirrored_strategy_equals_the_large_batch(tmp_path):
         _assert_close([got[f"{name}_w{i}"] for i in range(4)], _weights(reference))
         _assert_close([got[f"{name}_ema{i}"] for i in range(4)], [e.numpy() for e in ref_opt._ema])
         assert list(got[f"{name}_counters"]) == [4, 8, 0]
+
+
+@pytest.mark.slow
+def test_mixed_float16_overflow_on_one_replica_skips_the_window_on_all():
+    """`compile` wraps us in a LossScaleOptimizer; an overflow in replica 1's half
+    of a micro-batch skips the whole window everywhere and halves the scale once.
+
+    Keras's LossScaleOptimizer alone checks replica 0's gradients only, and would
+    drop the micro-batch (shifting the windows) rather than the window.
+    """
+    x, y = _data(64)
+    y = y.copy()
+    y[12:16] = 1e4  # micro-batch 1, rows of replica 1 only: its float16 gradient overflows
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with STRATEGY.scope():
+            model = _mlp()
+            opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=K)
+            model.compile(optimizer=opt, loss="mse", jit_compile=False)
+        model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+        large = _mlp()
+        large.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+        large.fit(x, y, batch_size=K * B, epochs=1, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    scaler = model.optimizer
+    assert isinstance(scaler, keras.optimizers.LossScaleOptimizer)
+    assert int(opt.skipped_updates.numpy()) == 1 and int(opt.iterations.numpy()) == 3
+    assert int(large.optimizer.iterations.numpy()) == 3  # the large batch skipped it too
+    assert float(scaler.dynamic_scale.numpy()) == scaler.initial_scale / 2
+    for variable in [*model.trainable_variables, scaler.dynamic_scale, opt._skipped_updates]:
+        first, *others = _per_replica(variable)
+        for other in others:
+            np.testing.assert_array_equal(first, other)
+    _assert_close(_weights(model), _weights(large), atol=2e-3)

@@ -174,6 +174,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         self._accumulate_fn = None
         self._accumulate_jitted = False
         self._loss_scaler_ref = None
+        self._pending_checks = []
 
     # ------------------------------------------------------------------ config
     @property
@@ -395,10 +396,9 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             for g, v in zip(grads, trainable_variables):
                 aligned[self._get_variable_index(v)] = g
         aligned = [_as_dense_or_slices(g) for g in aligned]
-        if isinstance(weight, (int, float, np.number)) or weight is None:
-            weight = _core.validate_weight(weight)
-        if weight is not None:
-            weight = tf.cast(weight, self.accumulator_dtype)
+        _check_gradient_shapes(aligned, self._trainable_variables)
+        self._pending_checks = []
+        weight = self._checked_weight(weight)
         if tf.distribute.in_cross_replica_context() and _distribute.multi_replica():
             raise RuntimeError(
                 f"AccumOptimizer '{self.name}': `apply_gradients` must be called in "
@@ -429,7 +429,8 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             # The caller traces: one graph serves every micro-step, and the
             # window decision is a `cond` on the step counter.
             self._host_window_steps = None
-            self._micro_step(aligned, weight, assert_finite=True)
+            with tf.control_dependencies(self._pending_checks):  # nothing moves before them
+                self._micro_step(aligned, weight, assert_finite=True)
             return
         if _distribute.in_replica_context_of_many():
             finite = self._micro_step(aligned, weight)  # eager `strategy.run`
@@ -442,6 +443,41 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 f"{int(self._window_steps.numpy()) + 1} of {self.merge_grad}); "
                 "nothing was accumulated."
             )
+
+    def _checked_weight(self, weight):
+        """`weight` as a scalar tensor of the accumulator dtype, or None; checked.
+
+        A number or an eager tensor is checked here, before anything moves; a
+        traced tensor gets a `tf.debugging` check (XLA drops it: there a
+        negative weight cannot be caught).
+        """
+        if weight is None or isinstance(weight, (bool, int, float, np.number)):
+            weight = _core.validate_weight(weight)
+            return None if weight is None else tf.constant(weight, self.accumulator_dtype)
+        if not isinstance(weight, (tf.Tensor, tf.Variable, np.ndarray, keras.Variable)):
+            raise TypeError(
+                "`weight` must be a finite number >= 0 (a sample or token count), or a "
+                f"scalar numeric tensor. Received: weight={weight!r}"
+            )
+        dtype = tf.as_dtype(weight.dtype)
+        if not (dtype.is_floating or dtype.is_integer) or len(weight.shape) != 0:
+            raise TypeError(
+                "`weight` must be a finite number >= 0 (a sample or token count), or a "
+                f"scalar numeric tensor. Received: weight={weight!r}"
+            )
+        weight = tf.cast(weight, self.accumulator_dtype)
+        if tf.executing_eagerly():
+            _core.validate_weight(float(weight.numpy()))
+        elif not _in_xla_context():
+            checks = [
+                tf.debugging.assert_non_negative(
+                    weight,
+                    message="`weight` must be a finite number >= 0 (a sample or token count)",
+                ),
+                tf.debugging.assert_all_finite(weight, "`weight` must be finite"),
+            ]
+            self._pending_checks = checks  # the traced micro-step runs after them
+        return weight
 
     def _eager_micro_step(self, aligned, weight):
         """An eager micro-step: the host knows whether it closes the window.
@@ -1022,6 +1058,18 @@ def _stored_value(variable, dtype):
         return tf.cast(value, dtype)
     bits = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}[value.dtype.size]
     return tf.cast(tf.bitcast(tf.bitcast(value, bits), value.dtype), dtype)
+
+
+def _check_gradient_shapes(grads, variables):
+    """A gradient must have its variable's shape (known at trace time, or eagerly)."""
+    for g, v in zip(grads, variables):
+        if g is None or isinstance(g, tf.IndexedSlices):
+            continue
+        if not tf.TensorShape(g.shape).is_compatible_with(v.shape):
+            raise ValueError(
+                f"Each gradient must have its variable's shape: variable '{v.path}' has "
+                f"shape {tuple(v.shape)}. Received: gradient of shape {tuple(g.shape)}"
+            )
 
 
 def _overwrites_with_gradient(variable) -> bool:

@@ -1,0 +1,130 @@
+"""Exactness and input checks of the Keras micro-step: merge_grad=1 bit for bit in an
+eager loop (XLA on), float8 scaling state merged by maximum, weights and gradient
+shapes checked before anything moves."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from cases import CASES, make_params, make_stream
+from keras_driver import make_variables
+
+from keras_accum import AccumOptimizer
+
+INNER = {
+    "sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adagrad": lambda: keras.optimizers.Adagrad(0.1),
+    "adafactor": lambda: keras.optimizers.Adafactor(0.1),
+    "ftrl": lambda: keras.optimizers.Ftrl(0.1),
+}
+
+
+@pytest.mark.parametrize("inner_id", sorted(INNER))
+def test_merge_grad_1_is_bit_identical_in_an_eager_loop_with_the_default_jit(inner_id):
+    """The closing micro-step runs eagerly, as the inner optimizer runs alone."""
+    params = make_params()
+    stream = make_stream(CASES[2])
+    wrapped = AccumOptimizer(INNER[inner_id]())  # merge_grad=1, jit_compile=True
+    got = make_variables(params)
+    plain, ref = INNER[inner_id](), make_variables(params)
+    for grads, _ in stream:
+        tensors = [tf.constant(g) for g in grads]
+        wrapped.apply_gradients(zip(tensors, got))
+        plain.apply_gradients(zip(tensors, ref))
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _float8_model():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)]
+    )
+    model.quantize("float8")
+    return model
+
+
+@pytest.mark.slow
+def test_float8_scaling_state_is_merged_by_maximum_like_the_large_batch():
+    """amax histories and scales (`overwrite_with_gradient`) take the window's maximum."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 8)).astype(np.float32) * np.linspace(0.5, 4, 32)[:, None]
+    y = rng.standard_normal((32, 2)).astype(np.float32)
+    small, large = _float8_model(), _float8_model()
+    small.compile(optimizer=AccumOptimizer(keras.optimizers.SGD(0.01), merge_grad=4),
+                  loss="mse", jit_compile=False)
+    large.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=False)
+    small.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    large.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    overwritten = [v for v in small.trainable_variables if v.overwrite_with_gradient]
+    assert overwritten
+    for a, b in zip(small.trainable_variables, large.trainable_variables):
+        if a.overwrite_with_gradient and "grad" in a.path:
+            # The loss is a mean over 4 rows, not 16: each micro-batch's output
+            # gradient, its amax and its scale are 4 times the large batch's,
+            # and the window's maximum keeps exactly that (the scale that fits
+            # the micro-batches). A window mean would blur it.
+            np.testing.assert_allclose(a.numpy(), 4 * b.numpy(), rtol=1e-3, err_msg=a.path)
+        elif a.overwrite_with_gradient:
+            # Forward amax: a window mean would put a quarter of the amax in the new slot.
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, err_msg=a.path)
+        else:
+            # float8 rounds each micro-batch's gradient on its own (e5m2): close, not equal.
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-2, atol=1e-4, err_msg=a.path)
+
+
+def _built(merge_grad=2):
+    variables = make_variables(make_params())
+    opt = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=merge_grad)
+    opt.build(variables)
+    return opt, variables
+
+
+def _snapshot(opt, variables):
+    return [v.numpy().copy() for v in variables] + [v.numpy().copy() for v in opt.variables]
+
+
+@pytest.mark.parametrize(
+    "weight,error,match",
+    [
+        (tf.constant(-1.0), ValueError, "Received: weight=-1.0"),
+        (tf.constant(float("nan")), ValueError, "Received: weight=nan"),
+        ("2", TypeError, "Received: weight='2'"),
+        (tf.constant([1.0, 2.0]), TypeError, "scalar numeric tensor"),
+        (tf.constant("2"), TypeError, "scalar numeric tensor"),
+    ],
+)
+def test_bad_weight_is_refused_eagerly_with_nothing_changed(weight, error, match):
+    opt, variables = _built()
+    before = _snapshot(opt, variables)
+    grads = [tf.ones_like(v) for v in variables]
+    with pytest.raises(error, match=match):
+        opt.apply_gradients(zip(grads, variables), weight=weight)
+    for a, b in zip(before, _snapshot(opt, variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_negative_tensor_weight_in_a_tf_function_is_caught():
+    opt, variables = _built()
+
+    @tf.function
+    def step(w):
+        opt.apply_gradients(zip([tf.ones_like(v) for v in variables], variables), weight=w)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`weight` must be a finite number"):
+        step(tf.constant(-2.0))
+    assert int(opt.micro_steps.numpy()) == 0
+
+
+def test_gradient_of_the_wrong_shape_names_the_variable():
+    opt, variables = _built()
+    before = _snapshot(opt, variables)
+    grads = [tf.ones_like(v) for v in variables]
+    grads[1] = tf.ones((7,))
+    with pytest.raises(ValueError, match=r"variable 'v1' has shape .* gradient of shape \(7,\)"):
+        opt.apply_gradients(zip(grads, variables))
+    for a, b in zip(before, _snapshot(opt, variables)):
+        np.testing.assert_array_equal(a, b)
