@@ -50,7 +50,13 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _import_keras():
+def import_keras_quietly():
+    """Imports Keras and TensorFlow without their start-up log lines; returns both.
+
+    For the demo and the notebooks: `TF_CPP_MIN_LOG_LEVEL=3` (unless set), and
+    standard error silenced while TensorFlow loads and probes its devices.
+    Errors still show.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _quiet_stderr():
         import keras
@@ -101,7 +107,7 @@ def _cosine(step):
 
 # ----------------------------------------------------------------------- Keras
 def _keras_runs(args):
-    keras, _ = _import_keras()
+    keras, _ = import_keras_quietly()
 
     from keras_accum import AccumOptimizer
 
