@@ -101,6 +101,7 @@ _OUTSIDE = [
     (re.compile(r"(?<!docs/)(?<!\]\()\bsemantics\.md"), "cite the contract as docs/semantics.md"),
     (re.compile(r"\btraps\.md"), "traps.md is not in the repository"),
     (re.compile(r"lead's decisions", re.I), "users cannot see the lead's decisions"),
+    (re.compile(r"style habit", re.I), "the house style guide is not in the repository"),
     (re.compile(r"\bissues? #?\d+", re.I), "users cannot see our issue numbers"),
 ]
 
