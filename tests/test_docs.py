@@ -98,7 +98,7 @@ def test_mkdocs_build_strict(tmp_path):
 
 _OUTSIDE = [
     (re.compile(r"shared/"), "the shared/ folder is not in the repository"),
-    (re.compile(r"(?<!docs/)(?<!\]\()\bsemantics\.md"), "cite the contract as docs/semantics.md"),
+    (re.compile(r"(?<!docs/)(?<!\]\()(?<!: )\bsemantics\.md"), "cite the contract as docs/semantics.md"),
     (re.compile(r"\btraps\.md"), "traps.md is not in the repository"),
     (re.compile(r"lead's decisions", re.I), "users cannot see the lead's decisions"),
     (re.compile(r"style habit", re.I), "the house style guide is not in the repository"),
