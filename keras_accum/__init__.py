@@ -34,10 +34,21 @@ def _importing_torch_side_only() -> bool:
     while frame is not None:
         if frame.f_code.co_name in ("_find_and_load", "_find_and_load_unlocked"):
             name = frame.f_locals.get("name")
-            if isinstance(name, str) and name.startswith(__name__ + ".torch"):
+            if isinstance(name, str) and name.startswith(_LATE_KERAS):
+                return True
+        # `python -m keras_accum.demo`: runpy imports this package first.
+        if frame.f_code.co_name in ("_get_module_details", "_run_module_as_main"):
+            name = frame.f_locals.get("mod_name")
+            if isinstance(name, str) and name.startswith(_LATE_KERAS):
                 return True
         frame = frame.f_back
     return False
+
+
+# Submodules imported without loading the Keras side first: the torch mirror
+# (no TensorFlow at all) and the demo (which silences TensorFlow's start-up
+# logs before loading it).
+_LATE_KERAS = (__name__ + ".torch", __name__ + ".demo")
 
 
 def __getattr__(name: str):

@@ -254,10 +254,12 @@ class AccumConfig:
         )
 
     def to_dict(self) -> dict:
+        """The configuration as a plain dict (argument name to value)."""
         return dataclasses.asdict(self)
 
     @property
     def clips(self) -> bool:
+        """Whether any of `clipnorm`, `clipvalue`, `global_clipnorm` is set."""
         return (
             self.clipnorm is not None
             or self.clipvalue is not None

@@ -1,18 +1,76 @@
 """The main job: accumulation on small batches equals training on large batches.
 
-Run it with `keras-accum-demo` or `python -m keras_accum.demo`. It trains the
-same small model twice on data made with NumPy (nothing is downloaded):
-once with `AccumOptimizer(merge_grad=4)` on batches of 8, once with the
-plain optimizer on batches of 32, with the same learning-rate schedule, and
-prints both losses and the largest weight difference.
+Run it with `keras-accum-demo` (or `python -m keras_accum.demo`), and with
+`--framework torch` for the PyTorch mirror. It trains the same small model,
+from the same initial weights, on data made with NumPy (nothing is
+downloaded): once with `AccumOptimizer(merge_grad=4)` on batches of 8, once
+with the plain optimizer on batches of 32, with the same learning-rate
+schedule, EMA and clipping, and prints both losses and the largest weight
+difference. The Keras run also trains with Keras's built-in
+`gradient_accumulation_steps` for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_LR, _DECAY_STEPS = 3e-3, 200
+_EMA_MOMENTUM, _CLIP = 0.9, 1.0
+# A small epsilon: Keras and torch place Adam's epsilon differently, and a
+# small one lets the two frameworks print the same digits.
+_EPS = 1e-10
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 to /dev/null while TensorFlow starts.
+
+    TensorFlow's C++ runtime logs CUDA probing and CPU-feature lines when it
+    loads, some of them before `TF_CPP_MIN_LOG_LEVEL` is read. A Python
+    error raised meanwhile still shows: it is printed after the `finally`.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (some notebooks, IDEs)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_keras_quietly():
+    """Imports Keras and TensorFlow without their start-up log lines; returns both.
+
+    For the demo and the notebooks: `TF_CPP_MIN_LOG_LEVEL=3` (unless set), and
+    standard error silenced while TensorFlow loads and probes its devices.
+    Errors still show.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _quiet_stderr():
+        import keras
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+        tf.config.list_logical_devices()  # the device probe logs too
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    return keras, tf
 
 
 def _data(n, seed):
@@ -25,67 +83,273 @@ def _data(n, seed):
     return x, y
 
 
-def _train(x, y, batch_size, merge_grad, epochs, seed, builtin=False):
-    import keras
+def _initial_weights(seed, sizes=(10, 32, 1)):
+    """Glorot-uniform kernels and zero biases (Keras's Dense defaults), in NumPy.
+
+    Both frameworks start from these arrays, so the Keras and the torch demo
+    print the same numbers.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1)
+    weights = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        weights.append(rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype("float32"))
+        weights.append(np.zeros((fan_out,), dtype="float32"))
+    return weights
+
+
+def _cosine(step):
+    """Keras's `CosineDecay(_LR, _DECAY_STEPS)` as a factor of `_LR`."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, _DECAY_STEPS) / _DECAY_STEPS))
+
+
+# ----------------------------------------------------------------------- Keras
+def _keras_runs(args):
+    keras, _ = import_keras_quietly()
 
     from keras_accum import AccumOptimizer
 
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((x.shape[1],)),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(1),
-        ]
+    x, y = _data(args.samples, args.seed)
+    k, b = args.merge_grad, args.micro_batch
+    common = dict(use_ema=True, ema_momentum=_EMA_MOMENTUM, global_clipnorm=_CLIP)
+
+    class UpdateNorms(keras.callbacks.Callback):
+        """Reads the merged-gradient norm after each micro-step that updated."""
+
+        def __init__(self, opt):
+            super().__init__()
+            self.opt, self.updates, self.norms = opt, 0, []
+
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.opt.iterations) > self.updates:
+                self.updates = int(self.opt.iterations)
+                self.norms.append(float(self.opt.last_grad_norm))
+
+    def train(kind):
+        keras.utils.set_random_seed(args.seed)
+        model = keras.Sequential(
+            [
+                keras.Input((x.shape[1],)),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.set_weights(_initial_weights(args.seed))
+        schedule = keras.optimizers.schedules.CosineDecay(_LR, decay_steps=_DECAY_STEPS)
+        callbacks = []
+        if kind == "accum":
+            opt = AccumOptimizer(keras.optimizers.Adam(schedule, epsilon=_EPS), merge_grad=k, **common)
+            callbacks.append(UpdateNorms(opt))
+        elif kind == "builtin":  # Keras's own accumulation, for comparison
+            opt = keras.optimizers.Adam(
+                schedule, epsilon=_EPS, gradient_accumulation_steps=k, **common
+            )
+        else:
+            opt = keras.optimizers.Adam(schedule, epsilon=_EPS, **common)
+        model.compile(optimizer=opt, loss="mse")
+        history = model.fit(
+            x,
+            y,
+            batch_size=b if kind != "large" else k * b,
+            epochs=args.epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        norms = callbacks[0].norms if callbacks else []
+        return model.get_weights(), history.history["loss"], opt, norms
+
+    accum_w, accum_loss, opt, norms = train("accum")
+    large_w, large_loss, large_opt, _ = train("large")
+    builtin_w = train("builtin")[0] if not args.no_builtin else None
+    return dict(
+        framework=f"Keras {keras.__version__}",
+        accum=(accum_w, accum_loss),
+        large=(large_w, large_loss),
+        builtin=builtin_w,
+        updates=int(opt.iterations),
+        micro_steps=int(opt.micro_steps),
+        large_updates=int(large_opt.iterations),
+        skipped=int(opt.skipped_updates),
+        norms=norms,
     )
-    schedule = keras.optimizers.schedules.CosineDecay(3e-3, decay_steps=200)
-    if builtin:  # Keras's own accumulation, for comparison
-        optimizer = keras.optimizers.Adam(schedule, gradient_accumulation_steps=merge_grad)
-    elif merge_grad > 1:
-        optimizer = AccumOptimizer(keras.optimizers.Adam(schedule), merge_grad=merge_grad)
-    else:
-        optimizer = keras.optimizers.Adam(schedule)
-    model.compile(optimizer=optimizer, loss="mse")
-    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
-    return model, history.history["loss"]
 
 
+# ----------------------------------------------------------------------- torch
+def _torch_runs(args):
+    import numpy as np
+    import torch
+
+    from keras_accum.torch import AccumOptimizer
+
+    torch.manual_seed(args.seed)
+    x, y = (torch.from_numpy(a) for a in _data(args.samples, args.seed))
+    k, b = args.merge_grad, args.micro_batch
+
+    def model_from_keras_weights():
+        model = torch.nn.Sequential(
+            torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)
+        )
+        k1, b1, k2, b2 = _initial_weights(args.seed)
+        with torch.no_grad():
+            for layer, kernel, bias in ((model[0], k1, b1), (model[2], k2, b2)):
+                layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
+                layer.bias.copy_(torch.from_numpy(bias))
+        return model
+
+    def adam(model):
+        return torch.optim.Adam(model.parameters(), lr=_LR, eps=_EPS)
+
+    loss_fn = torch.nn.MSELoss()
+
+    # keras_accum: the plain torch loop, once per micro-batch of b.
+    model = model_from_keras_weights()
+    opt = AccumOptimizer(
+        adam(model), merge_grad=k, use_ema=True, ema_momentum=_EMA_MOMENTUM,
+        global_clipnorm=_CLIP,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine)
+    accum_loss, norms = [], []
+    for _ in range(args.epochs):
+        losses = []
+        for i in range(0, len(x), b):
+            loss = loss_fn(model(x[i : i + b]), y[i : i + b])
+            loss.backward()
+            updates = opt.next_step_updates
+            opt.step()
+            sched.step()  # advances once per update
+            opt.zero_grad()
+            if updates:
+                norms.append(float(opt.last_grad_norm))
+            losses.append(loss.detach().item())
+        accum_loss.append(float(np.mean(losses)))
+    opt.finalize_variable_values()  # the EMA into the model, as Keras's fit does
+
+    # The large-batch run: plain Adam on batches of k * b, with the same
+    # schedule, clipping (Keras's form) and EMA written out by hand.
+    large = model_from_keras_weights()
+    large_opt = adam(large)
+    large_sched = torch.optim.lr_scheduler.LambdaLR(large_opt, _cosine)
+    params = list(large.parameters())
+    ema = None
+    large_loss, large_updates = [], 0
+    for _ in range(args.epochs):
+        losses = []
+        for i in range(0, len(x), k * b):
+            loss = loss_fn(large(x[i : i + k * b]), y[i : i + k * b])
+            loss.backward()
+            with torch.no_grad():
+                total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+                for p in params:
+                    p.grad.mul_(_CLIP / torch.clamp(total, min=_CLIP))
+            large_opt.step()
+            large_sched.step()
+            large_opt.zero_grad()
+            large_updates += 1
+            with torch.no_grad():
+                if ema is None:
+                    ema = [p.detach().clone() for p in params]
+                else:
+                    for e, p in zip(ema, params):
+                        e.lerp_(p, 1.0 - _EMA_MOMENTUM)
+            losses.append(loss.detach().item())
+        large_loss.append(float(np.mean(losses)))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+
+    def weights(m):
+        return [p.detach().numpy().copy() for p in m.parameters()]
+
+    return dict(
+        framework=f"PyTorch {torch.__version__}",
+        accum=(weights(model), accum_loss),
+        large=(weights(large), large_loss),
+        builtin=None,
+        updates=opt.iterations,
+        micro_steps=opt.micro_steps,
+        large_updates=large_updates,
+        skipped=opt.skipped_updates,
+        norms=norms,
+    )
+
+
+# ------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", choices=("keras", "torch"), default="keras")
     parser.add_argument("--merge-grad", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-builtin", action="store_true",
+        help="skip the run with Keras's built-in gradient_accumulation_steps",
+    )
     args = parser.parse_args(argv)
+    k, b = args.merge_grad, args.micro_batch
+    print(
+        f"keras_accum demo ({args.framework}): AccumOptimizer(merge_grad={k}) on batches of "
+        f"{b} vs the plain optimizer on batches of {k * b}",
+        flush=True,
+    )
+    print(
+        f"Same data and initial weights; Adam(epsilon={_EPS:g}), CosineDecay({_LR:g}, "
+        f"{_DECAY_STEPS}), "
+        f"EMA (momentum {_EMA_MOMENTUM}), global_clipnorm={_CLIP}.",
+        flush=True,
+    )
 
     import numpy as np
 
-    x, y = _data(args.samples, args.seed)
-    k, b = args.merge_grad, args.micro_batch
-    small, small_loss = _train(x, y, b, k, args.epochs, args.seed)
-    large, large_loss = _train(x, y, k * b, 1, args.epochs, args.seed)
-    builtin, _ = _train(x, y, b, k, args.epochs, args.seed, builtin=True)
+    r = _torch_runs(args) if args.framework == "torch" else _keras_runs(args)
+    (accum_w, accum_loss), (large_w, large_loss) = r["accum"], r["large"]
 
-    def max_diff(model):
-        return max(
-            float(np.max(np.abs(p - q))) for p, q in zip(model.get_weights(), large.get_weights())
+    def max_diff(ws):
+        return max(float(np.max(np.abs(p - q))) for p, q in zip(ws, large_w))
+
+    print(f"\n{r['framework']}: mean training loss per epoch")
+    print(f"epoch   accumulated, batches of {b:<3d}   large batch of {k * b}")
+    for epoch, (a, c) in enumerate(zip(accum_loss, large_loss), start=1):
+        print(f"{epoch:5d}   {a:24.6f}   {c:17.6f}")
+    print(
+        f"\nupdates: {r['updates']} from {r['micro_steps']} micro-steps "
+        f"(large batch: {r['large_updates']} updates)"
+    )
+    diff = max_diff(accum_w)
+    print(f"largest weight difference, accumulated vs large batch: {diff:.3g} (float32 round-off)")
+    if r["builtin"] is not None:
+        print(
+            f"largest weight difference, Keras's built-in gradient_accumulation_steps={k} "
+            f"vs large batch: {max_diff(r['builtin']):.3g}\n"
+            f"  (not round-off: the built-in feeds the schedule the micro-step count, so the "
+            f"cosine decays {k}x too fast,\n   moves the EMA on every micro-step and clips each "
+            f"micro-batch's gradient instead of their mean)"
         )
-
-    print(f"AccumOptimizer(merge_grad={k}) on batches of {b}  vs  Adam on batches of {k * b}")
-    print("epoch   loss (accumulated)   loss (large batch)")
-    for epoch, (a, c) in enumerate(zip(small_loss, large_loss), start=1):
-        print(f"{epoch:5d}   {a:18.6f}   {c:18.6f}")
-    diff = max_diff(small)
-    updates = int(small.optimizer.iterations.numpy())
-    micro = int(small.optimizer.micro_steps.numpy())
-    print(f"updates: {updates} (from {micro} micro-steps); large-batch updates: "
-          f"{int(large.optimizer.iterations.numpy())}")
-    print(f"largest weight difference: {diff:.3g}")
-    print(f"(Keras's built-in gradient_accumulation_steps={k}, whose schedule runs on "
-          f"micro-steps: {max_diff(builtin):.3g})")
+    norms = r["norms"]
+    clipped = sum(n > _CLIP for n in norms)
+    print(
+        f"\nEMA:      moved at the {r['updates']} updates only, never on the "
+        f"{r['micro_steps'] - r['updates']} micro-steps between; written into the model "
+        f"at the end (the weights compared above)."
+    )
+    print(
+        f"Clipping: global_clipnorm={_CLIP} scaled down {clipped} of {len(norms)} merged "
+        f"gradients (norms {min(norms):.3g} to {max(norms):.3g}), once per update."
+    )
+    print(
+        f"Skip:     on_nonfinite='skip' discarded {r['skipped']} windows (no inf or NaN "
+        "in this run; a window with one is dropped whole)."
+    )
     ok = diff < 1e-4
-    print("MATCH: accumulation reproduces large-batch training" if ok else "MISMATCH")
+    print(
+        "\nMATCH: accumulation reproduces large-batch training"
+        if ok
+        else "\nMISMATCH: accumulation does not reproduce large-batch training"
+    )
     return 0 if ok else 1
 
 

@@ -179,27 +179,33 @@ class AccumOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ config
     @property
     def merge_grad(self) -> int:
+        """Micro-steps per update."""
         return self._config.merge_grad
 
     @property
     def reduction(self) -> str:
+        """`"mean"` (divide by the window's weight sum) or `"sum"`."""
         return self._config.reduction
 
     @property
     def accumulator_dtype(self) -> str:
+        """Dtype name of the accumulators and of the EMA arithmetic."""
         return self._config.accumulator_dtype
 
     @property
     def ema_warmup(self) -> bool:
+        """Whether the EMA momentum warms up as `min(m, (1 + n) / (10 + n))`."""
         return self._config.ema_warmup
 
     @property
     def on_nonfinite(self) -> str:
+        """What a window with an inf or NaN does: `"skip"`, `"raise"` or `"ignore"`."""
         return self._config.on_nonfinite
 
     # --------------------------------------------------------- forwarded state
     @property
     def learning_rate(self):
+        """The inner optimizer's learning rate (a schedule or a variable); settable."""
         return self.inner_optimizer.learning_rate
 
     @learning_rate.setter
@@ -213,6 +219,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
+        """This optimizer's own variables, then the inner optimizer's (saved in this order)."""
         return self._variables[:] + self.inner_optimizer.variables
 
     @property

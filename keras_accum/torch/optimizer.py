@@ -285,22 +285,27 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     @property
     def merge_grad(self) -> int:
+        """Micro-steps per update."""
         return self._config.merge_grad
 
     @property
     def reduction(self) -> str:
+        """`"mean"` (divide by the window's weight sum) or `"sum"`."""
         return self._config.reduction
 
     @property
     def accumulator_dtype(self) -> torch.dtype | None:
+        """The accumulators' dtype; None: each parameter's own, in `.grad`."""
         return self._acc_dtype
 
     @property
     def use_ema(self) -> bool:
+        """Whether an EMA of the parameters is kept."""
         return self._config.use_ema
 
     @property
     def on_nonfinite(self) -> str:
+        """What a window with an inf or NaN does: `"skip"`, `"raise"` or `"ignore"`."""
         return self._config.on_nonfinite
 
     # ---------------------------------------------------------------- counters
