@@ -279,6 +279,13 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         strategy = self._bind_strategy()
+        if _distribute.multi_replica() and any(_overwrites_with_gradient(v) for v in var_list):
+            # Their window maximum is per replica, and the update sums replicas.
+            raise RuntimeError(
+                f"AccumOptimizer '{self.name}': float8 training (variables with "
+                "`overwrite_with_gradient=True`) under a strategy of several replicas "
+                "is not supported yet. Train float8 models on one device."
+            )
         acc_dtype = self.accumulator_dtype
         # Variables made while a `tf.function` traces its first call must
         # be lifted out of the graph (keras-team/keras#23085); the strategy
