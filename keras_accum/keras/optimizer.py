@@ -73,6 +73,19 @@ class AccumOptimizer(keras.optimizers.Optimizer):
     batches of `b` equals training on batches of `k * b`, for every inner
     optimizer, learning-rate schedule included.
 
+    Under `tf.distribute` (`MirroredStrategy`, `MultiWorkerMirroredStrategy`)
+    each replica adds into its own accumulators with no communication; the
+    update sums them across replicas once (one batched all-reduce) and takes
+    every decision (clip, non-finite skip, EMA, counters) once, on that sum.
+    Create the optimizer inside `strategy.scope()`; under a strategy, `weight`
+    is the micro-step's global weight, the same on every replica.
+
+    Sparse gradients (`tf.IndexedSlices`, from `Embedding` or `tf.gather`) are
+    scatter-added into the dense accumulator: no extra memory, and a
+    micro-step costs a scatter of the rows present (duplicates add up), not a
+    dense pass. The merged gradient handed on is dense, as in a dense
+    large-batch step.
+
     Args:
         optimizer: A `keras.optimizers.Optimizer`, or anything
             `keras.optimizers.get` accepts (`"adam"`, a config dict). It must
