@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -53,8 +55,20 @@ def run_stream(opt, variables, stream, flush=False, use_weights=True, compiled=N
 
 
 def replay_inner(inner, variables, handed):
-    """Applies each handed-on merged gradient list through a plain Keras optimizer."""
+    """Applies each handed-on merged gradient list through a plain Keras optimizer.
+
+    A MultiOptimizer takes every variable, with None for one without gradient
+    (its sub-optimizers drop those); the others take the pairs with gradients.
+    """
+    keep_none = isinstance(inner, keras.optimizers.MultiOptimizer)
     for grads in handed:
-        pairs = [(tf.constant(g), v) for g, v in zip(grads, variables) if g is not None]
-        inner.apply_gradients(pairs)
+        pairs = [
+            (None if g is None else tf.constant(g), v)
+            for g, v in zip(grads, variables)
+            if g is not None or keep_none
+        ]
+        with warnings.catch_warnings():
+            # Keras warns about each None it drops; here they are on purpose.
+            warnings.filterwarnings("ignore", "Gradients do not exist", UserWarning)
+            inner.apply_gradients(pairs)
     return [np.array(v.numpy()) for v in variables]

@@ -49,6 +49,14 @@ INNER = {
     "adafactor": lambda: keras.optimizers.Adafactor(0.1),
     "ftrl": lambda: keras.optimizers.Ftrl(0.1),
     "lamb": lambda: keras.optimizers.Lamb(0.01),
+    "muon": lambda: keras.optimizers.Muon(0.01),
+    "schedule_free_adamw": lambda: keras.optimizers.ScheduleFreeAdamW(0.01),
+    # v0 with Adam; v1 and v2 share an SGD with momentum.
+    "multi": lambda: keras.optimizers.MultiOptimizer(
+        keras.optimizers.OptimizerMap(
+            keras.optimizers.SGD(0.1, momentum=0.9), {"v0": keras.optimizers.Adam(0.01)}
+        )
+    ),
 }
 
 SPINE_CASES = [c for c in CASES if not c.config]
@@ -322,7 +330,9 @@ def test_mid_window_save_and_resume_in_fresh_process_is_bit_identical(mode, tmp_
     out = str(tmp_path / "out.npz")
     script = tmp_path / "resume.py"
     script.write_text(_RESUME_SCRIPT.format(here=HERE))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # The checkout under test, whatever keras_accum the interpreter has installed.
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=pythonpath)
     subprocess.run([sys.executable, str(script), mode, path, out], check=True, env=env)
     got = np.load(out)
     for i, w in enumerate(straight.get_weights()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import warnings
 import weakref
 from typing import Any
@@ -25,6 +26,13 @@ from keras_accum import _core
 from keras_accum.keras import _distribute
 
 _SIGNATURE_KEY = "keras_accum_signature"
+
+#: Layout of the state that `save_own_variables` writes: 2 lists own variables
+#: and then the inner optimizer's, each once. Version 1 (the first layout)
+#: listed the inner slots and the model's weights a second time among our own
+#: variables; it is still read (`_state_layout`).
+_FORMAT_VERSION = 2
+_READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 class _StateGuard(tf.train.experimental.PythonState):
@@ -42,7 +50,12 @@ class _StateGuard(tf.train.experimental.PythonState):
         return self._signature
 
     def deserialize(self, string_value):
-        _core.check_state_signature(string_value, self._signature)
+        saved = json.loads(string_value)
+        current = json.loads(self._signature)
+        # Checkpoints name each variable, so every readable format restores.
+        if saved.get("format_version") in _READABLE_FORMAT_VERSIONS:
+            current["format_version"] = saved["format_version"]
+        _core.check_state_signature(saved, current)
 
 
 def _in_xla_context() -> bool:
@@ -58,7 +71,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer with exact gradient accumulation, EMA and clipping.
 
     Each call of `apply_gradients` (a micro-step) adds the gradients into
-    float32 accumulators; every `merge_grad`-th call (an update) hands the
+    accumulators (float32, float64 for float64 variables); every `merge_grad`-th call (an update) hands the
     merged gradient to the inner optimizer, once:
 
         acc_i     += w * g_i                       (each micro-step, weight w)
@@ -95,9 +108,11 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         reduction: `"mean"` (default): the merged gradient is the weighted
             mean `sum(w * g) / sum(w)`; `"sum"`: `sum(w * g)`.
         accumulator_dtype: dtype name of the accumulators and of the EMA
-            arithmetic; defaults to `"float32"` whatever the variable dtype.
-        use_ema: bool, keep a float32 exponential moving average of the
-            trainable variables, moved after each update only.
+            arithmetic; defaults to `"float32"`. A variable of a wider dtype
+            (float64) accumulates, and keeps its EMA, in its own dtype.
+        use_ema: bool, keep an exponential moving average of the trainable
+            variables (in `accumulator_dtype`, or the variable's dtype where
+            wider), moved after each update only.
         ema_momentum: float in [0, 1], the EMA momentum `m`. Defaults to 0.99.
         ema_overwrite_frequency: int >= 1 or None; right after every
             `ema_overwrite_frequency`-th update the variables are replaced by
@@ -116,6 +131,9 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         jit_compile: bool, run `apply_gradients` called eagerly (custom loops)
             as one XLA-compiled function. Inside `model.fit` or a user's
             `tf.function`, the caller's compilation decides. Defaults to True.
+        loss_scale_factor: float > 0 or None, a fixed loss scale: `model.fit`
+            multiplies the loss by it (`scale_loss`) and each micro-step
+            divides its gradients by it before accumulating. Defaults to None.
         name: str, the optimizer's name.
 
     Raises:
@@ -123,6 +141,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             `optimizer` that is not an optimizer).
         ValueError: a bad value, or an inner optimizer that already does
             accumulation, EMA, clipping or loss scaling.
+        RuntimeError: Keras runs a backend other than TensorFlow.
 
     Example:
 
@@ -148,8 +167,10 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         global_clipnorm: float | None = None,
         on_nonfinite: str = "skip",
         jit_compile: bool = True,
+        loss_scale_factor: float | None = None,
         name: str | None = None,
     ):
+        _check_backend()
         config = _core.AccumConfig.create(
             merge_grad=merge_grad,
             reduction=reduction,
@@ -164,8 +185,9 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             on_nonfinite=on_nonfinite,
         )
         jit_compile = _core.validate_bool("jit_compile", jit_compile)
+        loss_scale_factor = _core.validate_positive_float("loss_scale_factor", loss_scale_factor)
         inner = _resolve_inner(optimizer)
-        super().__init__(learning_rate=0.0, name=name)
+        super().__init__(learning_rate=0.0, name=name, loss_scale_factor=loss_scale_factor)
         self._config = config
         self.inner_optimizer = inner
         self.jit_compile = jit_compile
@@ -178,7 +200,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         self.clipvalue = config.clipvalue
         self.global_clipnorm = config.global_clipnorm
         self._signature = _core.encode_signature(
-            config.state_signature(type(inner).__name__)
+            dict(config.state_signature(type(inner).__name__), format_version=_FORMAT_VERSION)
         )
         self._state_guard = _StateGuard(self._signature)
         # Eager micro-steps: the host's copy of `window_steps` (None: read the
@@ -232,8 +254,85 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        """This optimizer's own variables, then the inner optimizer's (saved in this order)."""
-        return self._variables[:] + self.inner_optimizer.variables
+        """Own state, then the inner optimizer's: each variable once."""
+        return self._own_variables() + self.inner_optimizer.variables
+
+    def _own_variables(self):
+        # Keras tracks every variable assigned to an attribute, so the model's
+        # weights (`_trainable_variables`) and the inner slots we index
+        # (`_inner_slots`) land in `_variables` too: they are not our state.
+        foreign = {id(v) for v in self._trainable_variables}
+        foreign.update(id(v) for v in self.inner_optimizer.variables)
+        return [v for v in self._variables if id(v) not in foreign]
+
+    @property
+    def optimizers(self):
+        """The sub-optimizers of an inner `MultiOptimizer`.
+
+        Keras's `LearningRateScheduler` and `ReduceLROnPlateau` look for this
+        attribute and then drive each sub-optimizer's learning rate, as they
+        do on a plain `MultiOptimizer`. Absent (AttributeError) otherwise.
+        """
+        inner = self.inner_optimizer
+        if not isinstance(inner, keras.optimizers.MultiOptimizer):
+            raise AttributeError(
+                "`optimizers` exists when the inner optimizer is a MultiOptimizer. "
+                f"Received: optimizer={type(inner).__name__}"
+            )
+        return inner.optimizers
+
+    def __dir__(self):
+        # Keras's `.keras` saving walks `dir()` and saves, then loads, every
+        # optimizer it finds there on its own, after our `load_own_variables`.
+        # The inner state is part of ours, checked and loaded as one; loaded
+        # again on its own, it would be overwritten even when ours refused.
+        return [name for name in super().__dir__() if name not in ("inner_optimizer", "optimizers")]
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay.
+
+        Forwarded to the inner optimizer, which does the decay (once per
+        update); call it before the first step, as on a plain optimizer.
+
+        Args:
+            var_list: list of variables to exclude.
+            var_names: list of strings; a variable whose name contains one
+                of them is excluded.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def get_weights(self):
+        """The values of `variables` (own state, then the inner optimizer's), as NumPy arrays."""
+        self._check_built("get_weights")
+        return [np.array(v.numpy()) for v in self.variables]
+
+    def set_weights(self, weights):
+        """Sets own and inner state from a `get_weights()` list; all or nothing.
+
+        Raises:
+            ValueError: `weights` has another length, or an array of another
+                shape or dtype than its variable. Nothing is assigned then.
+        """
+        self._check_built("set_weights")
+        variables = self.variables
+        weights = list(weights)
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"`weights` must hold {len(variables)} arrays, one per entry of "
+                f"`optimizer.variables` (own state, then the inner optimizer's). "
+                f"Received: {len(weights)} arrays"
+            )
+        values = [np.asarray(w) for w in weights]
+        for i, (v, value) in enumerate(zip(variables, values)):
+            if tuple(v.shape) != tuple(value.shape) or not _loadable(value.dtype, v.dtype):
+                raise ValueError(
+                    f"`weights[{i}]` must have shape {tuple(v.shape)} and dtype "
+                    f"{keras.backend.standardize_dtype(v.dtype)} (variable '{v.path}'); "
+                    "nothing was set. Received: an array of shape "
+                    f"{tuple(value.shape)} and dtype {keras.backend.standardize_dtype(value.dtype)}"
+                )
+        for v, value in zip(variables, values):
+            v.assign(value)
 
     @property
     def micro_steps(self):
@@ -304,13 +403,17 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         # be lifted out of the graph (keras-team/keras#23085); the strategy
         # is entered again because the outer graph may not have it in scope.
         with tf.init_scope(), _distribute.scope_of(strategy):
-            self.inner_optimizer.build(var_list)
+            self._build_inner(var_list)
             # The merged gradients we hand on are sums over replicas already.
-            self.inner_optimizer._all_reduce_sum_gradients = _distribute.already_reduced
+            for inner in [self.inner_optimizer, *getattr(self.inner_optimizer, "optimizers", [])]:
+                inner._all_reduce_sum_gradients = _distribute.already_reduced
             self._inner_slots = _slots_by_variable(self.inner_optimizer, var_list)
             self._accumulators = [
                 _distribute.replica_local_variable(
-                    self, v.shape, acc_dtype, f"{_var_name(v)}_accumulator"
+                    self,
+                    v.shape,
+                    _accumulation_dtype(acc_dtype, v.dtype),
+                    f"{_var_name(v)}_accumulator",
                 )
                 for v in var_list
             ]
@@ -325,16 +428,20 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             self._last_grad_norm = counter(shape=(), dtype=acc_dtype, name="last_grad_norm")
             if self.use_ema:
                 self._ema = [
-                    counter(shape=v.shape, dtype=acc_dtype, name=f"{_var_name(v)}_ema")
+                    counter(
+                        shape=v.shape,
+                        dtype=_accumulation_dtype(acc_dtype, v.dtype),
+                        name=f"{_var_name(v)}_ema",
+                    )
                     for v in var_list
                 ]
                 self._ema_swapped = counter(shape=(), dtype="int32", name="ema_swapped")
-                # Raw weights while the EMA is swapped in. float32 variables
-                # trade places with their float32 shadow (no extra memory);
+                # Raw weights while the EMA is swapped in. A variable of its
+                # shadow's dtype trades places with it (no extra memory);
                 # others need a copy in their own dtype (a cast would round).
                 self._raw_backup = [
                     None
-                    if v.dtype == acc_dtype
+                    if v.dtype == _accumulation_dtype(acc_dtype, v.dtype)
                     else counter(shape=v.shape, dtype=v.dtype, name=f"{_var_name(v)}_raw_backup")
                     for v in var_list
                 ]
@@ -402,7 +509,8 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None, weight=None, skip_gradients_aggregation=False):
         """Takes one micro-step (see `apply_gradients`)."""
-        grads = list(grads)
+        grads = self._checked_gradients(grads)
+        self._finish_inner_build()
         if trainable_variables is None:
             if not self.built:
                 raise ValueError(
@@ -531,6 +639,69 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             self._host_window_steps = 0 if closes else position + 1
         return finite
 
+    def _checked_gradients(self, grads):
+        """The gradient list, refused if all None, and divided by `loss_scale_factor`."""
+        grads = list(grads)
+        if all(g is None for g in grads):
+            # Plain Keras raises this too; counting a micro-step (or an
+            # update) of nothing would shift every later window.
+            raise ValueError(
+                "No gradients provided for any variable: `grads` must hold at least "
+                "one gradient that is not None; nothing was changed. Received: "
+                f"grads with {len(grads)} entries, all None"
+            )
+        factor = self.loss_scale_factor
+        if factor is None:
+            return grads
+        return [_unscaled(g, factor) for g in grads]
+
+    def _build_inner(self, var_list):
+        """Builds the inner optimizer (inside `build`, under `tf.init_scope`).
+
+        `model.fit` on a model not built before builds the model while
+        tracing its first train step: TensorFlow gives the weights made there
+        their values only after that trace (it then traces again and never
+        runs the first graph). ScheduleFreeAdamW's build copies each weight
+        into its momentum, which cannot be done yet; the copies wait for
+        `_finish_inner_build`, at the start of the next trace.
+        """
+        inner = self.inner_optimizer
+        if not (
+            isinstance(inner, keras.optimizers.ScheduleFreeAdamW) and _any_uninitialized(var_list)
+        ):
+            inner.build(var_list)
+            return
+        inner.assign = lambda variable, value: None  # its build's only `assign`s: the copies
+        try:
+            inner.build(var_list)
+        finally:
+            del inner.assign
+        self._pending_weight_copies = [
+            (m, v) for m, v in zip(inner._momentums, var_list) if m is not None
+        ]
+
+    def _finish_inner_build(self):
+        """Makes the copies `_build_inner` had to leave, once the weights have values."""
+        pending = getattr(self, "_pending_weight_copies", None)
+        if not pending:
+            return
+        if _any_uninitialized([v for _, v in pending]):
+            # Still no values: TensorFlow could not lift the initialisers out
+            # of the function. Fail where the step would run, never silently.
+            tf.debugging.Assert(
+                False,
+                [
+                    f"AccumOptimizer '{self.name}': the inner ScheduleFreeAdamW could not "
+                    "copy the model's weights into its momentum. Build the model "
+                    "before `fit` (call it on a batch, or `model.build(input_shape)`)."
+                ],
+            )
+            return
+        with tf.init_scope():
+            for momentum, variable in pending:
+                momentum.assign(variable)
+        self._pending_weight_copies = []
+
     def _accumulate_step(self, aligned, weight):
         if self._accumulate_fn is None:
             self._accumulate_jitted = self.jit_compile
@@ -632,9 +803,9 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             if g is None:
                 continue
             if isinstance(g, tf.IndexedSlices):
-                g = _scatter_ready(g, self.accumulator_dtype)
+                g = _scatter_ready(g, self._accumulators[self._get_variable_index(v)].dtype)
             else:
-                g = tf.cast(g, self.accumulator_dtype)
+                g = tf.cast(g, self._accumulators[self._get_variable_index(v)].dtype)
             if weight is not None and not _overwrites_with_gradient(v):
                 g = _scale_gradient(g, weight)
             self.update_step(g, v, None)
@@ -679,7 +850,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 continue
             g = acc_sum
             if self.reduction == "mean":
-                g = g / self._window_weight
+                g = g / tf.cast(self._window_weight, g.dtype)
             if scaler is not None:
                 g = g / tf.cast(scaler.dynamic_scale, g.dtype)
             merged.append(g)
@@ -725,8 +896,8 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             c = cfg.global_clipnorm
             if norm is None:
                 norm = _global_norm(merged)
-            scale = c / tf.maximum(norm, c)
-            merged = [g * scale for g in merged]
+            scale = c / tf.maximum(norm, tf.cast(c, norm.dtype))
+            merged = [g * tf.cast(scale, g.dtype) for g in merged]
         return merged
 
     def _apply_merged(self, merged, present, norm):
@@ -773,14 +944,16 @@ class AccumOptimizer(keras.optimizers.Optimizer):
     def _update_ema(self):
         """`ema = m * ema + (1 - m) * var` after an update (`iterations` already stepped)."""
         cfg = self._config
-        dtype = self.accumulator_dtype
+        # float64 shadows (of float64 variables) get a float64 momentum.
+        dtype = _widest_dtype([self.accumulator_dtype] + [e.dtype for e in self._ema])
         n = tf.cast(self.iterations, dtype) - 1.0  # updates before this one
         m = tf.constant(cfg.ema_momentum, dtype)
         if cfg.ema_warmup:
             m = tf.minimum(m, (1.0 + n) / (10.0 + n))
         m = tf.where(n > 0, m, tf.zeros_like(m))
         for ema, v in zip(self._ema, self._trainable_variables):
-            ema.assign(m * ema + (1.0 - m) * _stored_value(v, dtype))
+            m_ema = tf.cast(m, ema.dtype)
+            ema.assign(m_ema * ema + (1.0 - m_ema) * _stored_value(v, ema.dtype))
         f = cfg.ema_overwrite_frequency
         if f is not None:
             tf.cond(
@@ -863,7 +1036,10 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     @property
     def ema_variables(self):
-        """The float32 EMA shadows, one per trainable variable (empty without EMA)."""
+        """The EMA shadows, one per trainable variable (empty without EMA).
+
+        float32 (`accumulator_dtype`), or the variable's dtype where wider.
+        """
         if self.use_ema and self.built and int(self._ema_swapped.numpy()):
             raise RuntimeError(
                 "The EMA is swapped into the model: read the model's variables."
@@ -951,26 +1127,44 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 f"Cannot load optimizer state into AccumOptimizer '{self.name}': "
                 "it was not saved by an AccumOptimizer (no signature; nothing was loaded)."
             )
-        saved = bytes(np.asarray(store[_SIGNATURE_KEY], dtype=np.uint8)).decode("utf-8")
-        _core.check_state_signature(saved, self._signature)
+        saved = json.loads(bytes(np.asarray(store[_SIGNATURE_KEY], dtype=np.uint8)).decode("utf-8"))
+        version = saved.get("format_version")
+        if version not in _READABLE_FORMAT_VERSIONS:
+            raise ValueError(
+                f"Cannot load optimizer state into AccumOptimizer '{self.name}': it was "
+                f"saved in state format version {version!r}, and this keras_accum reads "
+                f"versions {' and '.join(map(str, _READABLE_FORMAT_VERSIONS))} (saved by "
+                "a newer keras_accum? nothing was loaded)."
+            )
+        # Every check comes before the first assignment, the inner state's
+        # included: a refused load leaves all of it as it was.
+        current = dict(json.loads(self._signature), format_version=version)
+        _core.check_state_signature(saved, current)
+        layout = self._state_layout(version)
         n_saved = len(keys) - 1
-        variables = self.variables
-        if n_saved != len(variables):
+        if n_saved != len(layout):
             raise ValueError(
                 f"Cannot load optimizer state into AccumOptimizer '{self.name}': "
-                f"it has {len(variables)} variables, the saved state {n_saved} "
+                f"it has {len(layout)} variables, the saved state {n_saved} "
                 "(build the optimizer on the same model first; nothing was loaded)."
             )
         values = [np.asarray(store[str(i)]) for i in range(n_saved)]
-        for v, value in zip(variables, values):
+        for (v, _), value in zip(layout, values):
             if tuple(v.shape) != tuple(value.shape):
                 raise ValueError(
                     f"Cannot load optimizer state: variable '{v.path}' has shape "
                     f"{tuple(v.shape)}, the saved value {tuple(value.shape)} "
                     "(nothing was loaded)."
                 )
-        for v, value in zip(variables, values):
-            v.assign(value)
+            if not _loadable(value.dtype, v.dtype):
+                raise ValueError(
+                    f"Cannot load optimizer state: variable '{v.path}' has dtype "
+                    f"{keras.backend.standardize_dtype(v.dtype)}, the saved value "
+                    f"{keras.backend.standardize_dtype(value.dtype)} (nothing was loaded)."
+                )
+        for (v, assign), value in zip(layout, values):
+            if assign:
+                v.assign(value)
         # Saved while the EMA was swapped in: the model's weights just loaded
         # are the EMA, the raw ones sit in our state. Keras loads the model's
         # weights before its optimizer's, so put the raw ones back now and
@@ -978,11 +1172,47 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         if self.use_ema:
             self._restore_raw_weights()
 
+    def _state_layout(self, version):
+        """The saved entries of a state format, in order: `(variable, assign)` pairs.
+
+        Format 2 is `variables`. Format 1 also held, among our own
+        variables, the inner slots (after the learning rate) and the model's
+        weights (after the EMA state): those entries are checked but not
+        assigned (the inner slots come again with the inner state, the
+        weights are the model's to load).
+        """
+        if version == _FORMAT_VERSION:
+            return [(v, True) for v in self.variables]
+        inner_slots = []
+        for group in self._inner_slots:
+            inner_slots.extend(x for x in group if all(x is not y for y in inner_slots))
+        own = [self._iterations, self._learning_rate]
+        own += self._accumulators
+        own += [
+            self._seen,
+            self._window_weight,
+            self._window_steps,
+            self._micro_steps,
+            self._skipped_updates,
+            self._last_grad_norm,
+        ]
+        if self.use_ema:
+            own += self._ema + [self._ema_swapped]
+            own += [b for b in self._raw_backup if b is not None]
+        return (
+            [(v, True) for v in own[:2]]
+            + [(v, False) for v in inner_slots]
+            + [(v, True) for v in own[2:]]
+            + [(v, False) for v in self._trainable_variables]
+            + [(v, True) for v in self.inner_optimizer.variables]
+        )
+
     def get_config(self):
         config = {
             "name": self.name,
             "optimizer": serialization_lib.serialize_keras_object(self.inner_optimizer),
             "jit_compile": self.jit_compile,
+            "loss_scale_factor": self.loss_scale_factor,
         }
         config.update(self._config.to_dict())
         return config
@@ -996,6 +1226,39 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             config.pop("optimizer"), custom_objects=custom_objects
         )
         return cls(inner, **config)
+
+
+def _check_backend():
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            "keras_accum.AccumOptimizer supports the TensorFlow backend of Keras only; "
+            f"Keras is running the {backend!r} backend. Set KERAS_BACKEND=tensorflow "
+            "before Keras is imported, or, for a PyTorch model, use "
+            "keras_accum.torch.AccumOptimizer. Received: backend="
+            f"{backend!r}"
+        )
+
+
+def _unscaled(gradient, factor):
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values / factor, gradient.indices, gradient.dense_shape)
+    return gradient / factor
+
+
+def _any_uninitialized(variables) -> bool:
+    """Whether a variable has no value yet outside the function being traced."""
+    with tf.init_scope():
+        for variable in variables:
+            # A Keras variable keeps its `tf.Variable` in `value` (outside autocast).
+            value = getattr(variable, "value", variable)
+            is_initialized = getattr(value, "is_initialized", None)
+            if isinstance(value, tf.Variable) and is_initialized is not None:
+                if not bool(is_initialized()):
+                    return True
+    return False
 
 
 def _resolve_inner(optimizer):
@@ -1032,16 +1295,30 @@ def _resolve_inner(optimizer):
         ("global_clipnorm", None),
         ("loss_scale_factor", None),
     )
-    for feature, off in checks:
-        value = getattr(optimizer, feature, off)
-        if value != off and value is not None:
-            raise _core.inner_feature_error(feature, value)
-    if optimizer.built:
-        raise ValueError(
-            "`optimizer` must not be built yet: AccumOptimizer builds it on the "
-            f"variables it trains. Received: optimizer={optimizer!r} (built)"
-        )
+    # A MultiOptimizer's sub-optimizers do the work: check them too.
+    subs = optimizer.optimizers if isinstance(optimizer, keras.optimizers.MultiOptimizer) else []
+    for candidate in [optimizer] + list(subs):
+        for feature, off in checks:
+            value = getattr(candidate, feature, off)
+            if value != off and value is not None:
+                if feature == "loss_scale_factor":
+                    raise _loss_scale_factor_error(value)
+                raise _core.inner_feature_error(feature, value)
+        if candidate.built:
+            raise ValueError(
+                "`optimizer` must not be built yet: AccumOptimizer builds it on the "
+                f"variables it trains. Received: optimizer={candidate!r} (built)"
+            )
     return optimizer
+
+
+def _loss_scale_factor_error(value):
+    return ValueError(
+        f"The inner optimizer already has `loss_scale_factor={value!r}`; AccumOptimizer "
+        "scales the loss and unscales each micro-step's gradients itself. Pass "
+        f"`loss_scale_factor={value!r}` to AccumOptimizer and leave it off the inner "
+        f"optimizer. Received: optimizer with loss_scale_factor={value!r}"
+    )
 
 
 def _slots_by_variable(inner, var_list):
@@ -1051,21 +1328,28 @@ def _slots_by_variable(inner, var_list):
     `_get_variable_index(variable)` (`_momentums[i]`, Adafactor's `_r[i]`):
     every attribute that is such a list of variables is taken. Global state
     (the step counter, Nadam's `_u_product`) is not per-variable and is left
-    out on purpose.
+    out on purpose. A `MultiOptimizer` keeps no slots: its sub-optimizers
+    do, each indexed like the variables it was built on.
     """
-    n = len(var_list)
-    own = {id(v) for v in var_list}
-    slots = [[] for _ in range(n)]
-    for name, value in sorted(vars(inner).items()):
-        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
-            continue
-        if len(value) != n or not any(isinstance(x, keras.Variable) for x in value):
-            continue
-        if not all(x is None or isinstance(x, keras.Variable) for x in value):
-            continue
-        for i, x in enumerate(value):
-            if x is not None and id(x) not in own:
-                slots[i].append(x)
+    index = {id(v): i for i, v in enumerate(var_list)}
+    slots = [[] for _ in var_list]
+    holders = [(inner, list(var_list))]
+    if isinstance(inner, keras.optimizers.MultiOptimizer):
+        holders += [(sub, list(sub._trainable_variables)) for sub in inner.optimizers]
+    for holder, holder_vars in holders:
+        n = len(holder_vars)
+        for name, value in sorted(vars(holder).items()):
+            if name in ("_variables", "_trainable_variables") or not isinstance(
+                value, (list, tuple)
+            ):
+                continue
+            if len(value) != n or not any(isinstance(x, keras.Variable) for x in value):
+                continue
+            if not all(x is None or isinstance(x, keras.Variable) for x in value):
+                continue
+            for j, x in enumerate(value):
+                if x is not None and id(x) not in index:
+                    slots[index[id(holder_vars[j])]].append(x)
     return slots
 
 
@@ -1159,7 +1443,57 @@ def _all_finite(tensors):
 
 def _global_norm(tensors):
     squares = [tf.reduce_sum(tf.square(t)) for t in tensors]
-    return tf.sqrt(tf.add_n(squares))
+    dtype = _widest_dtype([s.dtype for s in squares])  # float64 accumulators beside float32
+    return tf.sqrt(tf.add_n([tf.cast(s, dtype) for s in squares]))
+
+
+def _dtype_size(dtype) -> int:
+    return tf.as_dtype(keras.backend.standardize_dtype(dtype)).size
+
+
+def _widest_dtype(dtypes) -> str:
+    """The largest of several float dtypes (the first one among equal sizes)."""
+    # A plain loop: AutoGraph, tracing the step, rewrites `max(..., key=...)`.
+    widest = None
+    for dtype in dtypes:
+        name = keras.backend.standardize_dtype(dtype)
+        if widest is None or _dtype_size(name) > _dtype_size(widest):
+            widest = name
+    return widest
+
+
+def _accumulation_dtype(accumulator_dtype, variable_dtype) -> str:
+    """`accumulator_dtype`, or the variable's float dtype where that is wider.
+
+    Accumulators and EMA shadows are never less precise than their variable
+    (the contract, docs/semantics.md point 2): float64 variables accumulate
+    in float64 whatever `accumulator_dtype` says.
+    """
+    variable_dtype = keras.backend.standardize_dtype(variable_dtype)
+    if tf.as_dtype(variable_dtype).is_floating:
+        return _widest_dtype([accumulator_dtype, variable_dtype])
+    return keras.backend.standardize_dtype(accumulator_dtype)
+
+
+#: Saved dtypes that load into a variable of a wider dtype without loss.
+_WIDENINGS = {
+    ("float16", "float32"),
+    ("bfloat16", "float32"),
+    ("float16", "float64"),
+    ("bfloat16", "float64"),
+    ("float32", "float64"),
+}
+
+
+def _loadable(saved_dtype, variable_dtype) -> bool:
+    """Whether a saved value of `saved_dtype` loads into the variable exactly.
+
+    The same dtype, or a float widening: state saved when float64 variables
+    still accumulated in float32 loads into their float64 accumulators.
+    """
+    saved = keras.backend.standardize_dtype(saved_dtype)
+    target = keras.backend.standardize_dtype(variable_dtype)
+    return saved == target or (saved, target) in _WIDENINGS
 
 
 def _install_loss_scale_hook():
