@@ -128,3 +128,33 @@ def test_gradient_of_the_wrong_shape_names_the_variable():
         opt.apply_gradients(zip(grads, variables))
     for a, b in zip(before, _snapshot(opt, variables)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "set_weights"])
+def test_eager_window_position_is_read_again_after_a_restore(tmp_path, how):
+    """The eager loop keeps the window position on the host; a restore must not
+    leave it stale (the restored window would close at the wrong micro-step)."""
+    params, stream = make_params(), make_stream(CASES[2])
+    full = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=4)
+    full_vars = make_variables(params)
+    for grads, _ in stream[:6]:
+        full.apply([tf.constant(g) for g in grads], full_vars)
+    part = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=4)
+    part_vars = make_variables(params)
+    for grads, _ in stream[:3]:
+        part.apply([tf.constant(g) for g in grads], part_vars)
+    fresh = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=4)
+    fresh_vars = make_variables(params)
+    fresh.build(fresh_vars)  # its host position: 0
+    if how == "checkpoint":
+        path = tf.train.Checkpoint(v=part_vars, o=part).write(str(tmp_path / "c"))
+        tf.train.Checkpoint(v=fresh_vars, o=fresh).read(path).assert_consumed()
+    else:
+        for a, b in zip(fresh_vars, part_vars):
+            a.assign(b)
+        fresh.set_weights(part.get_weights())
+    for grads, _ in stream[3:6]:
+        fresh.apply([tf.constant(g) for g in grads], fresh_vars)
+    assert int(fresh.iterations.numpy()) == int(full.iterations.numpy()) == 1
+    for a, b in zip(fresh_vars, full_vars):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -43,8 +43,9 @@ class _StateGuard(tf.train.experimental.PythonState):
     (semantics.md point 12: never a silent partial restore).
     """
 
-    def __init__(self, signature: str):
+    def __init__(self, signature: str, on_restore=None):
         self._signature = signature
+        self._on_restore = on_restore
 
     def serialize(self):
         return self._signature
@@ -56,6 +57,8 @@ class _StateGuard(tf.train.experimental.PythonState):
         if saved.get("format_version") in _READABLE_FORMAT_VERSIONS:
             current["format_version"] = saved["format_version"]
         _core.check_state_signature(saved, current)
+        if self._on_restore is not None:
+            self._on_restore()
 
 
 def _in_xla_context() -> bool:
@@ -202,7 +205,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         self._signature = _core.encode_signature(
             dict(config.state_signature(type(inner).__name__), format_version=_FORMAT_VERSION)
         )
-        self._state_guard = _StateGuard(self._signature)
+        self._state_guard = _StateGuard(self._signature, on_restore=self._forget_window_position)
         # Eager micro-steps: the host's copy of `window_steps` (None: read the
         # variable) and the two step functions, traced on first use.
         self._host_window_steps = None
@@ -333,6 +336,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                 )
         for v, value in zip(variables, values):
             v.assign(value)
+        self._forget_window_position()
 
     @property
     def micro_steps(self):
@@ -701,6 +705,10 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             for momentum, variable in pending:
                 momentum.assign(variable)
         self._pending_weight_copies = []
+
+    def _forget_window_position(self):
+        """The state was set from outside a step (a load, a restore): read it again."""
+        self._host_window_steps = None
 
     def _accumulate_step(self, aligned, weight):
         if self._accumulate_fn is None:
@@ -1165,6 +1173,7 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         for (v, assign), value in zip(layout, values):
             if assign:
                 v.assign(value)
+        self._forget_window_position()
         # Saved while the EMA was swapped in: the model's weights just loaded
         # are the EMA, the raw ones sit in our state. Keras loads the model's
         # weights before its optimizer's, so put the raw ones back now and
