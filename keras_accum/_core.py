@@ -6,7 +6,7 @@ every constructor argument with the house error messages, and the pure
 arithmetic of the contract that does not touch tensors (the EMA decay, the
 state signature that guards against loading differently configured state).
 
-See ``shared/semantics.md`` for the contract these pieces implement.
+See ``docs/semantics.md`` for the contract these pieces implement.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 ACCUMULATOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 #: The configuration keys whose values give the saved state its meaning.
-#: Loading state saved under other values raises (semantics point 12):
+#: Loading state saved under other values raises (docs/semantics.md, point 12):
 #: a different window length, reduction, accumulator dtype or EMA setting
 #: would silently reinterpret the accumulators, counters or shadows.
 #: Clipping, EMA momentum and the non-finite policy only act on future
@@ -193,7 +193,7 @@ class AccumConfig:
     """The validated, fixed configuration of an AccumOptimizer (either side).
 
     Everything here is a plain Python value fixed at construction: what
-    changes between steps is framework state, never config (style habit 4).
+    changes between steps is framework state, never config.
     """
 
     merge_grad: int = 1

@@ -290,6 +290,16 @@ def main(argv=None) -> int:
         help="skip the run with Keras's built-in gradient_accumulation_steps",
     )
     args = parser.parse_args(argv)
+    if args.framework == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print(
+                "keras-accum-demo --framework torch needs PyTorch: install the build for "
+                "your machine (the README's 'Which torch'), e.g. `pip install torch`.",
+                file=sys.stderr,
+            )
+            return 2
     k, b = args.merge_grad, args.micro_batch
     print(
         f"keras_accum demo ({args.framework}): AccumOptimizer(merge_grad={k}) on batches of "

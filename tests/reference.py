@@ -1,8 +1,8 @@
 """NumPy reference implementation of the keras_accum contract: the test oracle.
 
-Written from ``shared/semantics.md`` and the lead's decisions where the contract
+Written from ``docs/semantics.md``, including the choices it records where the contract
 is silent, never from the Keras or torch code under test, and importing neither
-framework nor ``keras_accum`` (style habit 7: the implementation under test is
+framework nor ``keras_accum`` (the implementation under test is
 never its own oracle). Everything is float32 and a plain per-tensor Python loop,
 so that each line can be checked against the formula in its docstring.
 
@@ -187,7 +187,7 @@ class RecordingInner:
 
 
 def ema_momentum_at(updates_before: int, ema_momentum: float, ema_warmup: bool) -> float:
-    """The EMA momentum `m` used at an update (semantics point 9).
+    """The EMA momentum `m` used at an update (docs/semantics.md, point 9).
 
     Formula, with `n = updates_before` (updates applied before this one)::
 
@@ -463,7 +463,7 @@ class RefAccum:
                 self.params[i][...] = e
 
     def _reset_window(self) -> None:
-        """Step 8: reset by assignment, never by subtraction (semantics point 2)."""
+        """Step 8: reset by assignment, never by subtraction (docs/semantics.md, point 2)."""
         self.accumulators = [np.zeros_like(p) for p in self.params]
         self.seen = [False] * len(self.params)
         self.window_steps = 0

@@ -1,6 +1,6 @@
 """EMA of weights, clipping and the non-finite policy of the Keras AccumOptimizer.
 
-Issue #3, against the NumPy oracle in `reference.py` (semantics.md points 7 to
+Against the NumPy oracle in `reference.py` (docs/semantics.md, points 7 to
 11): the EMA moves after updates only, the first update copies, the shadows
 are float32, `ema_overwrite_frequency` and `finalize_variable_values` write it
 into the model, swapping it in and out (context manager and callback) is

@@ -1,8 +1,8 @@
-"""XLA-jitted steps and mixed precision for the Keras AccumOptimizer (issue #3).
+"""XLA-jitted steps and mixed precision for the Keras AccumOptimizer.
 
 - `jit_compile=True`: in custom loops `apply_gradients` runs as one
   XLA-compiled function, traced once for update and non-update micro-steps,
-  with the numbers of the eager step (semantics.md point 13); inside
+  with the numbers of the eager step (docs/semantics.md, point 13); inside
   `model.fit` the model's own `jit_compile` decides.
 - Mixed precision: under `mixed_float16` the model's LossScaleOptimizer wraps
   ours and skips an overflowing micro-step without touching the window;

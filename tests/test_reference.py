@@ -1,7 +1,7 @@
 """Tests of the NumPy oracle itself, against numbers worked out by hand.
 
 Each expected value is a literal computed in the comment next to it from the
-formula in `shared/semantics.md`, so that the oracle the other tests trust is
+formula in `docs/semantics.md`, so that the oracle the other tests trust is
 itself checked against something other than its own code.
 """
 

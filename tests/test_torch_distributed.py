@@ -2,7 +2,7 @@
 
 DDP: `opt.no_sync(model)` skips the all-reduce on micro-steps that do not
 update, and two processes give the weights of the single-process large batch
-(semantics point 14). torch.compile: a compiled training step gives the eager
+(docs/semantics.md, point 14). torch.compile: a compiled training step gives the eager
 numbers and never recompiles between update and non-update micro-steps.
 """
 

@@ -2,7 +2,7 @@
 
 Each scheduler is built on the wrapper and stepped every micro-step; the
 reference is the same scheduler on a plain optimizer stepped once per large
-batch (semantics point 5: a schedule sees 0, 1, 2, ... at the 1st, 2nd, 3rd
+batch (docs/semantics.md, point 5: a schedule sees 0, 1, 2, ... at the 1st, 2nd, 3rd
 update). GradScaler runs on CPU (`torch.amp.GradScaler("cpu")`): scales are
 powers of two, so a scaled run must equal the unscaled one bit for bit.
 """

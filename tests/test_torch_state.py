@@ -140,7 +140,7 @@ def test_restored_optimizer_runs_in_lockstep(name):
             opt2.inner_optimizer.param_groups[0]["lr"] == opt.inner_optimizer.param_groups[0]["lr"]
         )
     assert opt.iterations >= 3
-    # The scheduler on the restored wrapper still drives the inner LR (traps.md).
+    # The scheduler on the restored wrapper still drives the inner LR.
     assert opt2.inner_optimizer.param_groups[0]["lr"] == pytest.approx(
         0.9**opt.iterations * opt.inner_optimizer.defaults["lr"]
     )

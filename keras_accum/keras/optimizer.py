@@ -3,7 +3,7 @@
 The wrapper owns accumulation, clipping, the non-finite policy and the EMA of
 weights; the inner optimizer runs with all of those off and is called exactly
 once per update, so its state, step counter, weight decay and learning-rate
-schedule advance once per update (semantics.md, points 1 to 13).
+schedule advance once per update (docs/semantics.md, points 1 to 13).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _StateGuard(tf.train.experimental.PythonState):
 
     `deserialize` runs when a checkpoint is restored into this optimizer, and
     raises if the checkpoint was written by a differently configured one
-    (semantics.md point 12: never a silent partial restore).
+    (docs/semantics.md, point 12: never a silent partial restore).
     """
 
     def __init__(self, signature: str, on_restore=None):

@@ -1,7 +1,7 @@
 """keras_accum for PyTorch: exact gradient accumulation, weight EMA and clipping.
 
 The mirror of the Keras side, with the same names and the same numbers
-(`shared/semantics.md`). Importing it loads torch and no TensorFlow, and
+(`docs/semantics.md`). Importing it loads torch and no TensorFlow, and
 installs the once-per-update gates of torch's LR schedulers and
 `GradScaler.update` (see `keras_accum.torch._hooks`), which act only when an
 `AccumOptimizer` drives them.

@@ -1,7 +1,7 @@
 """`AccumOptimizer`: exact gradient accumulation, EMA and clipping for PyTorch.
 
 The torch mirror of `keras_accum.keras.AccumOptimizer`: same names, same
-numbers (semantics.md, points 1 to 15). The wrapper owns accumulation,
+numbers (docs/semantics.md, points 1 to 15). The wrapper owns accumulation,
 clipping, the non-finite policy and the EMA of weights; the inner optimizer is
 called exactly once per update, so its state, step counter, weight decay and
 any LR scheduler advance once per update.
@@ -879,7 +879,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         saved_own = {i: dict(s) for i, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         self.inner_optimizer.load_state_dict(state_dict["inner"])
-        # Both loads built new param_groups lists (traps.md): share the inner
+        # Both loads built new param_groups lists: share the inner
         # optimizer's again (its __setstate__ also filled in its defaults),
         # or a scheduler on this optimizer would stop reaching the inner LR.
         self.param_groups = self.inner_optimizer.param_groups
