@@ -290,7 +290,7 @@ def test_after_a_caught_raise_the_window_is_as_before_the_bad_micro_batch():
 # -- a GradScaler shared with a plain optimizer ---------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+@pytest.mark.filterwarnings("error:GradScaler is going to stop:FutureWarning")  # never shown
 @pytest.mark.parametrize("plain_bad_at", [(), (5,)], ids=["growth", "plain_overflow"])
 def test_shared_grad_scaler_moving_the_scale_inside_a_window(plain_bad_at):
     """torch's recipe for several optimizers: one scaler, both optimizers stepped through it.
@@ -328,7 +328,7 @@ def test_shared_grad_scaler_moving_the_scale_inside_a_window(plain_bad_at):
     _assert_equal_params(model, ref_model)
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+@pytest.mark.filterwarnings("error:GradScaler is going to stop:FutureWarning")  # never shown
 def test_scale_changed_behind_the_scalers_back_skips_the_window_with_a_warning():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     model = _model()
@@ -600,7 +600,7 @@ def test_grad_scaler_warning_is_hidden_only_for_our_optimizers():
     assert out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+@pytest.mark.filterwarnings("error:GradScaler is going to stop:FutureWarning")  # never shown
 def test_compiled_step_with_grad_scaler_never_recompiles():
     from torch._dynamo.utils import counters
 

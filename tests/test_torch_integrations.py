@@ -253,7 +253,7 @@ def test_accelerate_save_state_load_state_mid_window_is_bit_identical(accelerate
         assert torch.equal(p, q)
 
 
-@pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+@pytest.mark.filterwarnings("error:GradScaler is going to stop:FutureWarning")  # never shown
 def test_accelerated_optimizer_with_grad_scaler_unscales_once_per_update(accelerate_mod):
     """accelerate under fp16 (a GPU) steps through a GradScaler with a patched `step`."""
     from accelerate.optimizer import AcceleratedOptimizer
