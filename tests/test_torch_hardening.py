@@ -328,6 +328,28 @@ def test_shared_grad_scaler_moving_the_scale_inside_a_window(plain_bad_at):
     _assert_equal_params(model, ref_model)
 
 
+def test_manual_new_scale_inside_a_window_rescales_it():
+    def run(scaler):
+        model = _model()
+        opt = AccumOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), merge_grad=3)
+        for k in range(6):
+            loss = _loss(model, k)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update(2.0 ** (4 + k) if k % 3 == 0 else None)  # mid-window, by hand
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = run(torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    ref_model, ref_opt = run(None)
+    assert opt.iterations == ref_opt.iterations == 2 and opt.skipped_updates == 0
+    _assert_equal_params(model, ref_model)
+
+
 @pytest.mark.filterwarnings("error:GradScaler is going to stop:FutureWarning")  # never shown
 def test_scale_changed_behind_the_scalers_back_skips_the_window_with_a_warning():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
