@@ -184,6 +184,8 @@ def accelerate_mod():
     accelerate = pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # whatever ran before
+    GradientState._reset_state()
     yield accelerate
     # Accelerator state is a process-wide singleton: reset it between tests.
     AcceleratorState._reset_state(reset_partial_state=True)
