@@ -224,7 +224,9 @@ class RefAccum:
         window_steps += 1; window_weight += w; micro_steps += 1
 
     When `window_steps == merge_grad` (or on `flush()` with an open window) the
-    window closes:
+    window closes. A window whose weights sum to 0 holds no samples: it goes
+    straight to 8 (nothing applied, not an update, not a skip; a large batch
+    of no samples takes no step). Otherwise:
 
     1. `merged_i = acc_i / window_weight` ("mean") or `acc_i` ("sum"), for
        seen variables; None for variables never seen in the window.
@@ -437,6 +439,9 @@ class RefAccum:
         return out
 
     def _close_window(self) -> None:
+        if self.window_weight == 0:
+            self._reset_window()
+            return
         merged = self._merged()
         self.last_grad_norm = self._global_norm(merged)
         if self.on_nonfinite == "skip" and not _all_finite(merged):

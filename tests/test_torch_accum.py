@@ -586,9 +586,9 @@ def test_tensor_weight():
 
 _IMPORT_CHECK = """
 import sys, warnings
-# Any FutureWarning is an error, except those the import itself silences:
-# GradScaler warns at each step() that it hands itself to the optimizer (the
-# protocol AccumOptimizer relies on), which users did nothing to cause.
+# Any FutureWarning is an error. GradScaler would warn at each step() that it
+# hands itself to the optimizer (the protocol AccumOptimizer relies on): we
+# hide it inside scaler.step(opt) for our optimizers only.
 warnings.simplefilter("error", FutureWarning)
 import keras_accum.torch, torch
 loaded = sorted(m for m in sys.modules if m.startswith(("tensorflow", "keras.")) or m == "keras")

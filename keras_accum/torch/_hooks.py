@@ -16,7 +16,13 @@ hold gradients at two scales). So both are gated at the callee, narrowly:
   initial step in its constructor always runs.
 * `GradScaler.update`: a no-op when every optimizer stepped through the
   scaler since the last update is an `AccumOptimizer` whose window is still
-  open (it marks its per-optimizer record in the scaler).
+  open (it marks its per-optimizer record in the scaler). When the scale does
+  move while one of our windows is open (a plain optimizer sharing the
+  scaler, torch's recipe for several optimizers, or `update(new_scale)`),
+  that window's partial sum is rescaled to the new scale (GradScaler's
+  factors are powers of two, so exactly), never discarded.
+* `GradScaler.step(opt)` for an `AccumOptimizer` hides, for that call only,
+  torch's FutureWarning about the `grad_scaler` keyword protocol we rely on.
 
 Anything not driven by an `AccumOptimizer` runs the original code unchanged.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
+from inspect import signature
 from typing import Any
 
 import torch
@@ -38,8 +45,12 @@ OWNER_ATTR = "_keras_accum_owner"
 #: plain int in the scheduler's `__dict__`, so `scheduler.state_dict()` keeps it.
 _SEEN_ATTR = "_keras_accum_updates_seen"
 #: Key in `GradScaler._per_optimizer_states[id(opt)]`: this micro-step did not
-#: close a window, so `update()` must not move the scale.
+#: close a window, so `update()` must not move the scale. Its value is the
+#: AccumOptimizer (the records are dropped by every `update()`).
 SCALER_HOLD_KEY = "keras_accum_hold"
+#: The start of torch's FutureWarning in `GradScaler.step` for optimizers with
+#: `_step_supports_amp_scaling` and a `grad_scaler` keyword (ours).
+_SCALER_WARNING = "GradScaler is going to stop passing itself as a keyword argument"
 #: Transient attribute on a scheduler while its gated step runs.
 _IN_STEP_ATTR = "_keras_accum_in_step"
 
@@ -53,6 +64,11 @@ def set_owner(optimizer: torch.optim.Optimizer, owner: torch.optim.Optimizer) ->
 def _owner(optimizer: Any):
     ref = getattr(optimizer, OWNER_ATTR, None)
     return ref() if ref is not None else None
+
+
+def owner(optimizer: Any):
+    """The live AccumOptimizer that owns `optimizer` (itself or its inner one), or None."""
+    return _owner(optimizer)
 
 
 def _gate_scheduler_step(step):
@@ -104,21 +120,72 @@ def _gate_grad_scaler_update(update):
     @functools.wraps(update)
     def gated_update(self, new_scale=None):
         states = getattr(self, "_per_optimizer_states", None)
-        if (
-            new_scale is None
-            and getattr(self, "_enabled", False)
-            and states
-            and all(s.get(SCALER_HOLD_KEY, False) for s in states.values())
-        ):
+        if not getattr(self, "_enabled", False) or not states:
+            return update(self, new_scale)
+        held = [s[SCALER_HOLD_KEY] for s in states.values() if s.get(SCALER_HOLD_KEY)]
+        if new_scale is None and len(held) == len(states):
             # Every optimizer stepped since the last update holds an open
             # window: keep the scale (and growth tracker), forget the records,
             # exactly as update() does at its end.
             states.clear()
             return None
-        return update(self, new_scale)
+        # Another optimizer stepped (or a new scale was given): the scale may
+        # move now, while our held windows are open. Bring their partial sums
+        # to the new scale rather than let them mix scales.
+        old = None if not held or self._scale is None else self._scale.clone()
+        result = update(self, new_scale)
+        for owner in held:
+            owner._rescale_window(old, self._scale)
+        return result
 
+    # Never traced (GradScaler.update is a graph break anyway): reading our key
+    # in the records would put a guard on it, and torch.compile would
+    # recompile the caller once the key appears.
+    gated_update = torch.compiler.disable(gated_update)
     gated_update._keras_accum_gated = True
     return gated_update
+
+
+def _gate_grad_scaler_step(step):
+    if getattr(step, "_keras_accum_gated", False):
+        return step
+
+    # Never traced (GradScaler.step is a graph break anyway, and our step() is).
+    @torch.compiler.disable
+    def step_ours(self, optimizer, *args, **kwargs):
+        patched = optimizer.__dict__.get("step")
+        exposed = patched is not None and "grad_scaler" not in signature(patched).parameters
+        if exposed:
+            # A wrapper set on the instance without functools.wraps (accelerate's
+            # AcceleratedOptimizer does this under fp16) hides our `grad_scaler`
+            # keyword: GradScaler would then hand us still-scaled gradients
+            # through its newer attribute protocol. Expose it for this call.
+            def step_with_scaler(*a, grad_scaler=None, **kw):
+                return patched(*a, grad_scaler=grad_scaler, **kw)
+
+            optimizer.step = step_with_scaler
+        try:
+            # GradScaler hands itself to our `step(grad_scaler=...)` and warns
+            # each time that this protocol will change. AccumOptimizer needs the
+            # scaler (to hold its scale inside a window) and its tests pin the
+            # protocol; the warning would only confuse users, who did nothing
+            # to cause it. Hidden for this call only: other optimizers'
+            # warnings, and a `-W error::FutureWarning`, are left alone.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_SCALER_WARNING, category=FutureWarning)
+                return step(self, optimizer, *args, **kwargs)
+        finally:
+            if exposed:
+                optimizer.step = patched
+
+    @functools.wraps(step)
+    def gated_step(self, optimizer, *args, **kwargs):
+        if _owner(optimizer) is optimizer:  # an AccumOptimizer
+            return step_ours(self, optimizer, *args, **kwargs)
+        return step(self, optimizer, *args, **kwargs)  # unchanged for anything else
+
+    gated_step._keras_accum_gated = True
+    return gated_step
 
 
 def install() -> None:
@@ -144,14 +211,5 @@ def install() -> None:
 
     scaler_cls = torch.amp.GradScaler
     scaler_cls.update = _gate_grad_scaler_update(scaler_cls.update)
-    # GradScaler hands itself to `step(grad_scaler=...)` of an optimizer with
-    # `_step_supports_amp_scaling`, and warns each time that this protocol
-    # will change. AccumOptimizer needs the scaler object (to hold its scale
-    # inside a window), and its tests pin the protocol; the warning would only
-    # confuse users, who did nothing to cause it.
-    warnings.filterwarnings(
-        "ignore",
-        message="GradScaler is going to stop passing itself as a keyword argument",
-        category=FutureWarning,
-    )
+    scaler_cls.step = _gate_grad_scaler_step(scaler_cls.step)
     _installed = True

@@ -10,6 +10,10 @@ any LR scheduler advance once per update.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,6 +84,25 @@ def _extremes(tensors: list, device: torch.device) -> torch.Tensor:
     return _stack([m for t in tensors for m in torch.aminmax(t)], device)
 
 
+def _on_owner(method):
+    """Runs `method` on the AccumOptimizer itself when called through a proxy.
+
+    Lightning's `LightningOptimizer` (what `self.optimizers()` returns) takes
+    our class as a base and forwards missing attributes to us, so a method
+    called on it would read our state but write its counters onto the proxy.
+    The owner reference (forwarded too) finds the real optimizer.
+    """
+
+    @functools.wraps(method)
+    def on_owner(self, *args, **kwargs):
+        owner = _hooks.owner(self)
+        if owner is not None and owner is not self:
+            return getattr(owner, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return on_owner
+
+
 class AccumOptimizer(torch.optim.Optimizer):
     """Wraps a torch optimizer with exact gradient accumulation, EMA and clipping.
 
@@ -122,7 +145,19 @@ class AccumOptimizer(torch.optim.Optimizer):
       buffer of the parameter's dtype becomes the `.grad` handed on (no
       copy); another dtype costs one cast copy.
     * `on_nonfinite="raise"`: one min/max read pass and a host sync per
-      micro-step. `"skip"` (the default): one host sync per update.
+      micro-step, and side buffers in the parameter dtype, so that `.grad`
+      holds only the micro-step being checked: after a caught
+      `FloatingPointError` the window is exactly as before that micro-batch
+      (`opt.zero_grad()` then drops the rejected gradient). The add moves
+      from autograd into `step()` (about +3% per micro-step on CPU); one
+      more gradient-sized buffer while a window is open; DDP `no_sync` is a
+      null context. `"skip"` (the default): one host sync per update.
+    * Default mode, every micro-step: an identity check of the `.grad`
+      tensors against the last step's (no tensor work), which turns
+      `model.zero_grad()` inside a window into an error instead of a
+      silently dropped window.
+    * A window whose `weight`s sum to 0 holds no samples: it applies
+      nothing and is not counted as an update (nor as a skip).
     * `use_ema`: one float32 (float64 for float64 params) copy of every
       parameter, and one foreach `lerp_` per update.
 
@@ -136,6 +171,9 @@ class AccumOptimizer(torch.optim.Optimizer):
     (before clipping), skips the window on overflow (whatever `on_nonfinite`
     says: the scaler's protocol) and lets the scale move only at updates.
     Do not call `scaler.unscale_(opt)`: clip with `clipnorm`/`global_clipnorm`.
+    A scaler shared with a plain optimizer (stepped every micro-step) moves
+    the scale inside windows: the open window is then rescaled by the ratio
+    of scales (exact for GradScaler's powers of two), never discarded.
 
     DDP: wrap the backward in `with opt.no_sync(model):` to skip the
     all-reduce on micro-steps that do not update (only while gradients
@@ -169,13 +207,15 @@ class AccumOptimizer(torch.optim.Optimizer):
             discarded at its update (parameters, inner state, EMA, schedulers
             and `iterations` do not move) and counted in `skipped_updates`;
             `"raise"`: `FloatingPointError` at the micro-step that produced
-            it, before any state changes; `"ignore"`: pass it on.
+            it, before any state changes (the window stays as it was: catch
+            it, `opt.zero_grad()`, go on); `"ignore"`: pass it on.
 
     Raises:
         TypeError: `optimizer` is not a `torch.optim.Optimizer`, or an
             argument of the wrong kind (`merge_grad="4"`).
         ValueError: a bad value, an `AccumOptimizer` or LBFGS as `optimizer`,
-            or both `clipnorm` and `global_clipnorm`.
+            an `optimizer` already wrapped by another AccumOptimizer, or both
+            `clipnorm` and `global_clipnorm`.
 
     Example:
 
@@ -222,6 +262,14 @@ class AccumOptimizer(torch.optim.Optimizer):
                 "would merge the gradients twice. Pass the inner optimizer, and the "
                 f"product of the merge_grad values. Received: optimizer={optimizer!r}"
             )
+        if _hooks.owner(optimizer) is not None:
+            # Its scheduler gate, GradScaler records and param groups would
+            # follow the newest wrapper, silently leaving the first one's.
+            raise ValueError(
+                "`optimizer` is already wrapped by another AccumOptimizer: one inner "
+                "optimizer can be driven by one wrapper only. Build a new inner optimizer, "
+                f"or keep using the first wrapper. Received: optimizer={optimizer!r}"
+            )
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
                 "`optimizer` must not be LBFGS: it re-evaluates a closure several "
@@ -256,6 +304,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self._sharing_groups = True
+        # From here on `param_groups` is the inner optimizer's attribute (see
+        # the property), whichever object is loaded or assigned.
+        self.__dict__.pop("param_groups", None)
 
         # Counters are host ints: whether a step updates is host control flow
         # (it decides whether inner.step() runs at all), so device counters
@@ -274,6 +325,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         # This micro-step's backward ran inside model.no_sync().
         self._unreduced = False
         self._ema_backup: list | None = None
+        # The `.grad` tensors holding the open window (default mode), as left
+        # by the last micro-step: `model.zero_grad()` inside a window shows as
+        # a replaced tensor at the next step().
+        self._grad_refs: list | None = None
         _hooks.set_owner(self, self)
         _hooks.set_owner(optimizer, self)
 
@@ -352,6 +407,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         return f"AccumOptimizer({cfg + ', ' if cfg else ''}optimizer=\n    {inner}\n)"
 
     # ------------------------------------------------------------ param groups
+    @property
+    def param_groups(self) -> list:
+        """The inner optimizer's param groups (one list, shared).
+
+        Read through to the inner optimizer, so that they stay shared whichever
+        object is loaded (`inner_optimizer.load_state_dict` builds a new list)
+        or assigned: a scheduler on this optimizer always drives the inner LR.
+        """
+        # getattr, not __dict__: Lightning's LightningOptimizer runs our methods
+        # on itself and forwards missing attributes to us.
+        if getattr(self, "_sharing_groups", False):
+            return self.inner_optimizer.param_groups
+        return self.__dict__["param_groups"]  # the base constructor's own list
+
+    @param_groups.setter
+    def param_groups(self, value: list) -> None:
+        if getattr(self, "_sharing_groups", False):
+            self.inner_optimizer.param_groups = value
+        else:
+            self.__dict__["param_groups"] = value
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group to the inner optimizer (and so to this one)."""
         if not self._sharing_groups:
@@ -366,10 +442,87 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def _buffered(self, p: torch.Tensor) -> bool:
         """Whether `p` accumulates in a side buffer (else in `.grad`)."""
-        return self._weighted or (self._acc_dtype is not None and p.dtype != self._acc_dtype)
+        return (
+            self._weighted
+            # "raise": `.grad` holds only the checked micro-step, so a caught
+            # error leaves the window exactly as it was before that micro-batch.
+            or self._config.on_nonfinite == "raise"
+            or (self._acc_dtype is not None and p.dtype != self._acc_dtype)
+        )
 
     def _uses_side_buffers(self) -> bool:
         return any(self._buffered(p) for p in self._params())
+
+    def _keep_grad_refs(self, params: list, grads: list | None = None) -> None:
+        """Remembers the `.grad` tensors that hold the open window (default mode).
+
+        A reference per parameter, no copy: between micro-steps autograd adds
+        into these very tensors, in place. `grads`: the `.grad` of each of
+        `params`, if the caller has the list already (step() does).
+        """
+        if grads is None:
+            grads = [p.grad for p in params]
+        if self._weighted or self._config.on_nonfinite == "raise":
+            self._grad_refs = None  # every parameter is side-buffered
+        elif self._acc_dtype is None:
+            self._grad_refs = grads
+        else:
+            self._grad_refs = [None if self._buffered(p) else g for p, g in zip(params, grads)]
+
+    def _check_grads_kept(self, params: list, grads: list) -> None:
+        """Raises if a `.grad` holding the open window was replaced since the last step().
+
+        `model.zero_grad()` (set_to_none, torch's default) inside a window
+        drops the micro-steps summed so far; the next backward then makes a
+        new `.grad`. An identity check per parameter, no tensor work. A new
+        `.grad` that is a view is left alone: DDP's `gradient_as_bucket_view`
+        swaps `.grad` for a view of its bucket (with the same sum) at the first
+        all-reduce after `no_sync` micro-steps.
+        """
+        refs = self._grad_refs
+        if refs is None or len(refs) != len(params) or all(map(operator.is_, grads, refs)):
+            return  # the common case: one C-level pass of identity checks
+        for i, (p, g, kept) in enumerate(zip(params, grads, refs)):
+            if kept is None or g is kept or (g is not None and g._is_view()):
+                continue
+            raise RuntimeError(
+                f"The `.grad` of parameter {i} (shape {tuple(p.shape)}) was replaced since "
+                f"the last micro-step: the earlier micro-steps of this window "
+                f"({self._window_steps} of {self.merge_grad}), summed in `.grad`, are lost. "
+                "Was `model.zero_grad()` called inside the window? Call `opt.zero_grad()` "
+                "instead: it keeps an open window. Nothing was changed. If `.grad` is "
+                "replaced on purpose (`backward(create_graph=True)`, out-of-place "
+                "accumulation), pass `weight=` at every micro-step: the window then lives "
+                "in side buffers."
+            )
+
+    @torch.no_grad()
+    def _rescale_window(self, old: torch.Tensor | None, new: torch.Tensor | None) -> None:
+        """The GradScaler's scale moved from `old` to `new` while this window is open.
+
+        Called by the gate on `GradScaler.update` (a scaler shared with a
+        plain optimizer that steps every micro-step, or `update(new_scale)`):
+        the partial sum, accumulated at `old`, is multiplied by `new / old`,
+        exactly for GradScaler's own factors (powers of two). Costs one host
+        read of the scale per such `update()`, and one pass over the window
+        only when the scale really moved.
+        """
+        if self._window_steps == 0 or self._window_scale is None or old is None or new is None:
+            return
+        if torch.equal(new, old):
+            return
+        ratio = (new / old).to(torch.float32)
+        window = []
+        for p in self._params():
+            if self._buffered(p):
+                t = self.state.get(p, {}).get("accumulator")
+            else:
+                t = p.grad
+            if t is not None:
+                window.append(t)
+        for (dev, dtype), idx in _by_device_and_dtype(window).items():
+            torch._foreach_mul_([window[i] for i in idx], ratio.to(dev, dtype))
+        self._window_scale = new.detach().clone()
 
     # ------------------------------------------------------------- micro-step
     @torch.compiler.disable
@@ -406,7 +559,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             RuntimeError: an unsupported combination (a first `weight` in the
                 middle of a window, a sparse gradient, `scaler.unscale_(opt)`,
                 a GradScaler used on only some micro-steps of a window, a step
-                while the EMA is swapped in).
+                while the EMA is swapped in, a `.grad` holding the window
+                replaced since the last step, e.g. by `model.zero_grad()`).
         """
         w = self._validate_weight(weight)
         if self._ema_backup is not None:
@@ -419,7 +573,9 @@ class AccumOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params()
-        grads = [p.grad for p in params if p.grad is not None]
+        all_grads = [p.grad for p in params]
+        self._check_grads_kept(params, all_grads)
+        grads = [g for g in all_grads if g is not None]
         if any(g.is_sparse for g in grads):
             raise RuntimeError(
                 "AccumOptimizer does not support sparse gradients "
@@ -454,8 +610,10 @@ class AccumOptimizer(torch.optim.Optimizer):
                 grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"] = {
                     found_inf.device: found_inf
                 }
-        elif grad_scaler is not None:
-            grad_scaler._per_optimizer_states[id(self)][_hooks.SCALER_HOLD_KEY] = True
+        else:
+            self._keep_grad_refs(params, all_grads)
+            if grad_scaler is not None:
+                grad_scaler._per_optimizer_states[id(self)][_hooks.SCALER_HOLD_KEY] = self
         return loss
 
     @staticmethod
@@ -566,6 +724,12 @@ class AccumOptimizer(torch.optim.Optimizer):
             if self._window_scale is not None
             else (merged[0].device if merged else params[0].device)
         )
+        if self._window_weight == 0.0:
+            # Every micro-step weighed 0: the window holds no samples. Apply
+            # nothing (0/0 would hand on NaN) and count no update, as a large
+            # batch of no samples takes no step; not a skip either.
+            self._reset_window(params, discard_grads=True)
+            return torch.zeros((), dtype=torch.float32, device=device)
         divisor = self._window_weight if cfg.reduction == "mean" else 1.0
         if self._window_scale is not None:
             # Scales are powers of two, so dividing by scale * W in one pass is
@@ -611,6 +775,15 @@ class AccumOptimizer(torch.optim.Optimizer):
         if not bool(bad):
             return False
         if scale_moved is not None and bool(scale_moved):
+            warnings.warn(
+                "The GradScaler's scale changed inside an open window without "
+                "`scaler.update()` (e.g. `scaler.load_state_dict(...)` or a direct edit): "
+                "the window's gradients mix two scales, so it is skipped (counted in "
+                "`skipped_updates`). Change the scale only through `scaler.update()`, or "
+                "between windows.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return True
         # The L2 norm may overflow while every element is finite: look at the
         # tensors whose norm is not finite, exactly (rare path).
@@ -656,7 +829,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_steps = 0
         self._window_weight = 0.0
         self._window_scale = None
+        self._grad_refs = None
 
+    @_on_owner
     @torch.compiler.disable
     @torch.no_grad()
     def flush(self) -> bool:
@@ -686,8 +861,19 @@ class AccumOptimizer(torch.optim.Optimizer):
         mode), so the call does nothing; after an update (or before the first
         micro-step) it clears as `torch.optim.Optimizer.zero_grad` does. Use
         this, not `model.zero_grad()`, which would drop the open window.
+        A side-buffered parameter's `.grad` is never part of the window: it
+        is cleared inside a window too (after a step() that raised, it holds
+        the rejected micro-batch).
         """
         if self._window_steps > 0:
+            cfg = self._config
+            if self._weighted or cfg.on_nonfinite == "raise" or self._acc_dtype is not None:
+                for p in self._params():
+                    if p.grad is not None and self._buffered(p):
+                        if set_to_none:
+                            p.grad = None
+                        else:
+                            p.grad.zero_()
             return
         super().zero_grad(set_to_none=set_to_none)
 
@@ -752,6 +938,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         if not self.use_ema:
             raise ValueError(f"`{what}` needs `use_ema=True`. Received: use_ema=False")
 
+    @_on_owner
     @torch.no_grad()
     def swap_in_ema(self) -> None:
         """Copies the EMA into the parameters, keeping the raw ones bit-exactly.
@@ -768,6 +955,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         for p, e in pairs:
             p.copy_(e)
 
+    @_on_owner
     @torch.no_grad()
     def swap_out_ema(self) -> None:
         """Puts the raw parameters back (copies); a no-op if not swapped in."""
@@ -798,6 +986,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         finally:
             self.swap_out_ema()
 
+    @_on_owner
     @torch.no_grad()
     def finalize_variable_values(self) -> None:
         """Writes the EMA into the parameters for good (no-op without EMA)."""
@@ -826,8 +1015,11 @@ class AccumOptimizer(torch.optim.Optimizer):
           open window's weight sum, scale and seen parameters.
 
         Save between micro-steps (after `step()`), as with any optimizer.
+        State-dict post-hooks run last, on the whole dict, as on a plain
+        optimizer (their result, if not None, is returned).
         """
-        sd = super().state_dict()
+        with self._base_hooks_off("_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         params = self._params()
         if self._window_steps > 0:
             for i, p in enumerate(params):
@@ -848,7 +1040,28 @@ class AccumOptimizer(torch.optim.Optimizer):
             "window_scale": self._window_scale,
             "last_grad_norm": self._last_grad_norm,
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
+
+    @contextlib.contextmanager
+    def _base_hooks_off(self, *names: str) -> Iterator[None]:
+        """Runs base-class code with these hook dicts empty: we run the hooks ourselves.
+
+        `torch.optim.Optimizer.state_dict`/`load_state_dict` run them on the
+        plain part only; ours must see the whole dict. The same dict objects
+        are put back, so `RemovableHandle`s keep working.
+        """
+        saved = {name: getattr(self, name) for name in names}
+        try:
+            for name in names:
+                setattr(self, name, OrderedDict())
+            yield
+        finally:
+            for name, hooks in saved.items():
+                setattr(self, name, hooks)
 
     @torch.compiler.disable
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -857,7 +1070,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         Per-parameter tensors keep their saved dtype (torch's own loader
         would cast a float32 accumulator or EMA of a bfloat16 parameter to
         bfloat16); a window saved from `.grad` is put back into `.grad`; the
-        param groups are shared with the inner optimizer again.
+        param groups are shared with the inner optimizer again. As on a plain
+        optimizer, load pre-hooks run first (on a shallow copy; what they
+        return is what gets checked and loaded) and post-hooks last. The
+        hyperparameters loaded are those of the top-level `param_groups` (the
+        ones hooks see), for both optimizers.
 
         Raises:
             ValueError: the state was not saved by an AccumOptimizer, was
@@ -865,6 +1082,12 @@ class AccumOptimizer(torch.optim.Optimizer):
                 `reduction`, `accumulator_dtype`, `use_ema` or inner class),
                 or does not fit the parameters.
         """
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # shallow, as torch's loader does
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
         accum = state_dict.get("accum") if isinstance(state_dict, dict) else None
         if not isinstance(accum, dict) or "signature" not in accum or "inner" not in state_dict:
             raise ValueError(
@@ -877,9 +1100,17 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._check_fits(state_dict, params)
 
         saved_own = {i: dict(s) for i, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        self.inner_optimizer.load_state_dict(state_dict["inner"])
-        # Both loads built new param_groups lists: share the inner
+        with self._base_hooks_off(
+            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ):
+            super().load_state_dict(state_dict)
+        self.__dict__.pop("param_groups", None)  # the base loader's list; ours is the inner's
+        # Both sections hold the same groups; the top-level one is what a
+        # load pre-hook sees and may have edited (e.g. a new lr).
+        self.inner_optimizer.load_state_dict(
+            {**state_dict["inner"], "param_groups": state_dict["param_groups"]}
+        )
+        # Both loads built new param_groups lists (torch's `load_state_dict` does): share the inner
         # optimizer's again (its __setstate__ also filled in its defaults),
         # or a scheduler on this optimizer would stop reaching the inner LR.
         self.param_groups = self.inner_optimizer.param_groups
@@ -912,6 +1143,56 @@ class AccumOptimizer(torch.optim.Optimizer):
                     p.grad = None if acc is None else acc.to(p.device, p.dtype, copy=True)
             if not state:
                 self.state.pop(p, None)
+        self._grad_refs = None
+        if self._window_steps > 0:
+            self._keep_grad_refs(params)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # ------------------------------------------------------------ copy, pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What `copy.deepcopy`, `pickle` and `torch.save(opt)` keep: a working optimizer.
+
+        torch's `Optimizer.__getstate__` keeps only defaults, state and param
+        groups; a copy of ours needs the inner optimizer, the configuration,
+        the counters and the open window. A window summed in `.grad` is kept
+        too: no Parameter pickles or deep-copies its `.grad`. As torch does,
+        hooks are not kept, nor a scheduler's patch of `step`.
+        """
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
+            and k not in ("param_groups", "step", "_grad_refs", _hooks.OWNER_ATTR)
+        }
+        state["_window_grads"] = (
+            [None if self._buffered(p) else p.grad for p in self._params()]
+            if self._window_steps > 0
+            else None
+        )
+        return state
+
+    def __copy__(self):
+        # A shallow copy would share the inner optimizer (and its state) with
+        # this one: two wrappers on one inner optimizer, refused at construction too.
+        raise TypeError(
+            "AccumOptimizer cannot be shallow-copied: the copy would share the inner "
+            "optimizer with the original. Use copy.deepcopy(opt) (or pickle/torch.save)."
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        grads = state.pop("_window_grads", None)
+        state.setdefault("_grad_refs", None)
+        super().__setstate__(state)  # torch's: fresh hook dicts, the step patch
+        _hooks.set_owner(self, self)
+        _hooks.set_owner(self.inner_optimizer, self)
+        if grads is not None:
+            with torch.no_grad():
+                for p, g in zip(self._params(), grads):
+                    if g is not None:
+                        p.grad = g
+            self._keep_grad_refs(self._params())
 
     def _check_fits(self, state_dict: dict, params: list) -> None:
         """Checks group sizes and per-parameter shapes before anything is loaded."""
