@@ -158,3 +158,24 @@ def test_eager_window_position_is_read_again_after_a_restore(tmp_path, how):
     assert int(fresh.iterations.numpy()) == int(full.iterations.numpy()) == 1
     for a, b in zip(fresh_vars, full_vars):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_window_of_zero_weights_applies_nothing_and_counts_nothing(reduction):
+    """sum(w) = 0: no samples, no step (mean would hand on 0/0 = NaN)."""
+    from reference import RefAccum, RefSGD
+
+    params, stream = make_params(), make_stream(CASES[2])
+    weights = [0.0, 0.0, 1.0, 3.0, 0.0, 0.0]
+    oracle = RefAccum(params, RefSGD(0.1, momentum=0.9), merge_grad=2, reduction=reduction)
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=2,
+                         reduction=reduction, on_nonfinite="ignore")
+    variables = make_variables(params)
+    for (grads, _), w in zip(stream, weights):
+        oracle.step(grads, w)
+        opt.apply([tf.constant(g) for g in grads], variables, weight=w)
+    assert int(opt.iterations.numpy()) == oracle.iterations == 1
+    assert int(opt.skipped_updates.numpy()) == 0
+    for v, p in zip(variables, oracle.params):
+        assert np.isfinite(v.numpy()).all()
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, atol=1e-7)

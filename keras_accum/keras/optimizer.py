@@ -849,6 +849,23 @@ class AccumOptimizer(keras.optimizers.Optimizer):
         `present[i]` is True when variable i is known (at trace time) to have
         a gradient in this window; otherwise `_seen` decides at run time.
         """
+        # A window whose weights sum to 0 holds no samples: nothing is
+        # applied or counted (a large batch of no samples takes no step).
+        tf.cond(
+            self._window_weight > 0,
+            lambda: _no_output(self._close_window(present)),
+            lambda: None,
+        )
+        for acc in self._accumulators:
+            # Reset by assignment, never by subtraction or scaling: one inf
+            # must not turn later windows into NaN.
+            acc.assign(tf.zeros_like(acc))
+        self._seen.assign(tf.zeros_like(self._seen))
+        self._window_weight.assign(tf.zeros_like(self._window_weight))
+        self._window_steps.assign(tf.zeros_like(self._window_steps))
+
+    def _close_window(self, present):
+        """Merge, check, clip, one inner step, EMA (the window holds samples)."""
         sums = _distribute.sum_over_replicas(self._accumulators)
         merged = []
         scaler = self._loss_scaler()
@@ -878,13 +895,6 @@ class AccumOptimizer(keras.optimizers.Optimizer):
             )
         else:
             self._apply_merged(merged, present, norm)
-        for acc in self._accumulators:
-            # Reset by assignment, never by subtraction or scaling: one inf
-            # must not turn later windows into NaN.
-            acc.assign(tf.zeros_like(acc))
-        self._seen.assign(tf.zeros_like(self._seen))
-        self._window_weight.assign(tf.zeros_like(self._window_weight))
-        self._window_steps.assign(tf.zeros_like(self._window_steps))
 
     def _skip_window(self):
         self._skipped_updates.assign_add(1)
