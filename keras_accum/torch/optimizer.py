@@ -33,6 +33,19 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _is_fsdp2(model: Any) -> bool:
+    """Whether `model` was wrapped by FSDP2's `fully_shard`."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
 def _dtype_name(dtype: Any) -> Any:
     """A torch.dtype as its name, for the shared validation; anything else as is."""
     if isinstance(dtype, torch.dtype):
@@ -879,11 +892,18 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
-        """`model.no_sync()` when the next `step()` does not update, else a null context.
+        """Skips gradient communication when the next `step()` does not update.
 
-        Wrap the forward and backward of each micro-step with it under DDP (or
-        FSDP): the all-reduce then runs once per window, on the summed
-        `.grad`. With side buffers (`accumulator_dtype` other than the
+        Wrap the forward and backward of each micro-step with it. Under DDP it
+        is `model.no_sync()`: the all-reduce runs once per window, on the
+        summed `.grad`. Under FSDP2 (a module wrapped by `fully_shard`) it is
+        `model.set_requires_gradient_sync(False)`, switched back on after the
+        backward: the reduce-scatter runs once per window, on the summed
+        unsharded gradients. Under FSDP2 the open window's partial sums then
+        live unreduced inside FSDP, out of reach of `state_dict()`: to save in
+        the middle of a window, run the micro-step before the save outside
+        `no_sync` (its reduce-scatter moves the partial sums into the sharded
+        `.grad`, which the state dict saves); the window's result is the same. With side buffers (`accumulator_dtype` other than the
         parameter dtype, or micro-step weights) every micro-step must
         all-reduce, so this is a null context.
 
@@ -895,7 +915,21 @@ class AccumOptimizer(torch.optim.Optimizer):
         opt.step()
         ```
         """
-        if self.next_step_updates or not hasattr(model, "no_sync") or self._uses_side_buffers():
+        if self.next_step_updates or self._uses_side_buffers():
+            yield
+            return
+        if _is_fsdp2(model):
+            # FSDP2 (`fully_shard`) has no `no_sync()`: its switch keeps the
+            # unsharded gradients and skips the reduce-scatter until it is
+            # back on, which the closing micro-step needs.
+            model.set_requires_gradient_sync(False)
+            self._unreduced = True
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+            return
+        if not hasattr(model, "no_sync"):
             yield
             return
         with model.no_sync():
@@ -1025,7 +1059,11 @@ class AccumOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 if not self._buffered(p) and p.grad is not None:
                     # A new dict: the packed state shares its dicts with self.state.
-                    sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": p.grad}
+                    # A copy: FSDP2's sharded `.grad` can be a view into a
+                    # reduce buffer whose storage it later frees, which
+                    # `torch.save` cannot write (an open window only).
+                    grad = p.grad.detach().clone() if _is_dtensor(p.grad) else p.grad
+                    sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": grad}
         sd["inner"] = self.inner_optimizer.state_dict()
         sd["accum"] = {
             "format_version": _core.FORMAT_VERSION,
