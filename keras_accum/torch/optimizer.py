@@ -82,6 +82,19 @@ def _global_norm(norms: list, device: torch.device) -> torch.Tensor:
     return torch.linalg.vector_norm(_stack(norms, device))
 
 
+def _holds_sparse(p: torch.Tensor, state: Any) -> bool:
+    """Whether `p`'s gradient (or its open window) is a sparse tensor."""
+    if p.grad is not None and p.grad.is_sparse:
+        return True
+    acc = state[p].get("accumulator") if p in state else None
+    return acc is not None and acc.is_sparse
+
+
+def _values_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor itself; a coalesced sparse one's values (an alias, not a copy)."""
+    return tensor._values() if tensor.is_sparse else tensor
+
+
 def _extremes(tensors: list, device: torch.device) -> torch.Tensor:
     """Every tensor's min and max, stacked, float32 (inf/nan where a tensor has one).
 
@@ -91,6 +104,7 @@ def _extremes(tensors: list, device: torch.device) -> torch.Tensor:
     ~1.8e19 (torch's float32 foreach norm) and the infinity norm is about 5x
     slower on CPU.
     """
+    tensors = [t._values() if t.is_sparse else t for t in tensors]
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros((0,), dtype=torch.float32, device=device)
@@ -337,6 +351,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._last_grad_norm: torch.Tensor | None = None
         # This micro-step's backward ran inside model.no_sync().
         self._unreduced = False
+        self._sparse_seen = False  # a sparse gradient was met: some windows live beside .grad
         self._ema_backup: list | None = None
         # The `.grad` tensors holding the open window (default mode), as left
         # by the last micro-step: `model.zero_grad()` inside a window shows as
@@ -461,6 +476,9 @@ class AccumOptimizer(torch.optim.Optimizer):
             # error leaves the window exactly as it was before that micro-batch.
             or self._config.on_nonfinite == "raise"
             or (self._acc_dtype is not None and p.dtype != self._acc_dtype)
+            # Sparse gradients (nn.Embedding(sparse=True)): autograd sums them
+            # out of place, so the window is kept beside `.grad`, coalesced.
+            or _holds_sparse(p, self.state)
         )
 
     def _uses_side_buffers(self) -> bool:
@@ -477,7 +495,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in params]
         if self._weighted or self._config.on_nonfinite == "raise":
             self._grad_refs = None  # every parameter is side-buffered
-        elif self._acc_dtype is None:
+        elif self._acc_dtype is None and not self._sparse_seen:
             self._grad_refs = grads
         else:
             self._grad_refs = [None if self._buffered(p) else g for p, g in zip(params, grads)]
@@ -589,11 +607,6 @@ class AccumOptimizer(torch.optim.Optimizer):
         all_grads = [p.grad for p in params]
         self._check_grads_kept(params, all_grads)
         grads = [g for g in all_grads if g is not None]
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError(
-                "AccumOptimizer does not support sparse gradients "
-                "(e.g. nn.Embedding(sparse=True)); use dense gradients."
-            )
         switch_to_buffers = weight is not None and not self._weighted
         if switch_to_buffers:
             self._check_can_switch_to_buffers(params)
@@ -694,7 +707,13 @@ class AccumOptimizer(torch.optim.Optimizer):
                 continue  # In `.grad` mode autograd has already accumulated.
             state = self.state[p]
             buf = state.get("accumulator")
-            if buf is None:
+            if g.is_sparse:
+                self._sparse_seen = True
+                # Memory: the distinct rows the window touched; time: a
+                # coalesce (sort) of this micro-step's rows into them.
+                g = g.to(self._acc_dtype or g.dtype) * w
+                state["accumulator"] = (g if buf is None else buf + g).coalesce()
+            elif buf is None:
                 # The window's first gradient: the buffer starts as w * g, in
                 # one pass. A new tensor: .grad may be a view into a DDP
                 # bucket, so it is never taken over.
@@ -732,6 +751,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         """Merge, check, clip, one inner step, EMA, reset. Returns found_inf (0./1.)."""
         cfg = self._config
         merged, owners = self._merged(params)
+        # The merge, check and clip below work on plain tensors: a sparse
+        # accumulator (coalesced) takes part through its values, in place.
+        merged = [_values_of(t) for t in merged]
         device = (
             self._window_scale.device
             if self._window_scale is not None
@@ -762,7 +784,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._skipped_updates += 1
         else:
             self._clip(merged, norms, total, device)
-            for t, p in zip(merged, owners):
+            for t, p in zip(self._merged(params)[0], owners):
                 if self._buffered(p):
                     # The buffer itself when the dtypes agree (it is dropped
                     # below, so nothing aliases it), else a cast copy.
