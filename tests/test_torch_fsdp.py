@@ -17,7 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_torch_distributed import MERGE_GRAD, N_UPDATES, WORLD, _data, _free_port, _micro_slice, _model
+from test_torch_distributed import (
+    MERGE_GRAD,
+    N_UPDATES,
+    WORLD,
+    _data,
+    _free_port,
+    _micro_slice,
+    _model,
+)
 
 from keras_accum.torch import AccumOptimizer
 
