@@ -167,11 +167,12 @@ def test_skip_gradients_aggregation_changes_nothing_on_one_device():
 
 @functools.cache
 def _strategy():
-    # One strategy for the module: a second one over the same devices starts
-    # its collective instance keys afresh, and TensorFlow then matches its
-    # all-reduces with the first one's (a shape-mismatch error).
+    # No collectives: two collective-based strategies in one process (another
+    # test module has one) may reuse instance keys and abort each other's ops.
     cpus = tf.config.list_logical_devices("CPU")[:2]
-    return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.MirroredStrategy(
+        [d.name for d in cpus], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
 
 
 @needs_two_devices

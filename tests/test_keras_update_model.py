@@ -172,6 +172,50 @@ def test_deferred_inside_tf_function_equals_eager():
     assert int(traced.optimizer.iterations) == 2
 
 
+@pytest.mark.skipif(
+    len(tf.config.list_logical_devices("CPU")) < 2,
+    reason="needs the CPU split into two logical devices (tests/conftest.py)",
+)
+def test_update_model_under_two_replicas_equals_large_batch():
+    """merge_grad=2 under MirroredStrategy, called in `strategy.run`: the large batch."""
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    # No collectives: two collective-based strategies in one process (another
+    # test module has one) may reuse instance keys and abort each other's ops.
+    strategy = tf.distribute.MirroredStrategy(
+        cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    with strategy.scope():
+        m = _mlp()
+        m.compile(optimizer=AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=2))
+    big = _mlp()
+    plain = keras.optimizers.SGD(0.1, momentum=0.9)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 3)).astype("float32")
+    y = rng.standard_normal((32, 2)).astype("float32")
+    mse = keras.losses.MeanSquaredError()  # scales its loss for the replicas' sum
+
+    @tf.function
+    def train(batch):
+        def step_fn(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = mse(yb, m(xb))
+            update_model(m, loss=loss, tape=tape)
+
+        strategy.run(step_fn, args=batch)
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # global micro-batch 8
+    for batch in strategy.experimental_distribute_dataset(data):
+        train(batch)
+    for i in range(0, 32, 16):
+        with tf.GradientTape() as tape:
+            loss = mse(y[i : i + 16], big(x[i : i + 16]))
+        plain.apply_gradients(zip(tape.gradient(loss, big.trainable_variables),
+                                  big.trainable_variables))
+    assert int(m.optimizer.iterations.numpy()) == 2
+    for got, want in zip(weights(m), weights(big)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # -- defer: the GAN -------------------------------------------------------------------
 
 LR = 0.1

@@ -465,3 +465,26 @@ def test_fe_migration_doc_torch_after_code_runs():
     ]
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/migration.md", "exec"), {"__name__": "__doc__"})
+
+
+def test_ddp_module_refuses_the_loss_form_and_steps_with_gradients():
+    """torch.autograd.grad would bypass DDP's all-reduce: the loss form says so."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in ddp.parameters()]
+        with pytest.raises(RuntimeError, match="DistributedDataParallel.*no_sync"):
+            update_model(ddp, loss=ddp(torch.randn(4, 3)).pow(2).mean(), optimizer=opt)
+        assert all(torch.equal(p, b) for p, b in zip(ddp.parameters(), before))
+        assert all(p.grad is None for p in ddp.parameters())
+        update_model(ddp, gradients=[torch.ones(2, 3), torch.ones(2)], optimizer=opt)
+        for p, b in zip(ddp.parameters(), before):
+            torch.testing.assert_close(p.detach(), b - 0.1)
+    finally:
+        dist.destroy_process_group()

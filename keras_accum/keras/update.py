@@ -77,6 +77,8 @@ def update_model(
     `strategy.run`): the optimizer sums the gradients over replicas, so the
     loss must be scaled for that sum, as `keras.losses.Loss` objects do.
 
+    Every error below is raised before anything is updated or stored.
+
     Args:
         model: a compiled `keras.Model`; its `optimizer` takes the step.
         gradients: list of gradients (tensors, `tf.IndexedSlices`, arrays or
@@ -103,8 +105,6 @@ def update_model(
             `gradients` of the wrong length or shape, or a `loss` that no
             trainable variable's gradient depends on.
         RuntimeError: the tape was already used up (non-persistent).
-
-        Nothing is updated or stored when an error is raised.
 
     Example:
 

@@ -180,6 +180,8 @@ def update_model(
     reduced yourself, or use `loss.backward()` and `optimizer.step()` (with
     `AccumOptimizer.no_sync`) directly.
 
+    Every error below is raised before anything is updated or stored.
+
     Args:
         model: the `torch.nn.Module` to update.
         gradients: list of tensors (or None), one per trainable parameter;
@@ -208,8 +210,6 @@ def update_model(
         RuntimeError: the loss's graph needs values that an earlier update
             changed in place (pass `defer=True` to that update), or a `loss`
             with a DistributedDataParallel module.
-
-        Nothing is updated or stored when an error is raised.
 
     Example:
 
