@@ -16,9 +16,17 @@ from keras_accum._core import AccumConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["AccumConfig", "AccumOptimizer", "SwapEMAWeights", "FlushWindow", "__version__"]
+__all__ = [
+    "AccumConfig",
+    "AccumOptimizer",
+    "SwapEMAWeights",
+    "FlushWindow",
+    "apply_deferred",
+    "update_model",
+    "__version__",
+]
 
-_KERAS_NAMES = ("AccumOptimizer", "SwapEMAWeights", "FlushWindow")
+_KERAS_NAMES = ("AccumOptimizer", "SwapEMAWeights", "FlushWindow", "apply_deferred", "update_model")
 
 
 def _importing_torch_side_only() -> bool:
@@ -61,6 +69,12 @@ def __getattr__(name: str):
 
 if not _importing_torch_side_only():
     try:
-        from keras_accum.keras import AccumOptimizer, FlushWindow, SwapEMAWeights  # noqa: F401
+        from keras_accum.keras import (  # noqa: F401
+            AccumOptimizer,
+            FlushWindow,
+            SwapEMAWeights,
+            apply_deferred,
+            update_model,
+        )
     except ImportError:  # TensorFlow/Keras missing: keep the torch side usable.
         pass

@@ -24,6 +24,7 @@ from tensorflow.python.ops import control_flow_util
 
 from keras_accum import _core
 from keras_accum.keras import _distribute
+from keras_accum.keras._seed_api import _SeedAPIMixin
 
 _SIGNATURE_KEY = "keras_accum_signature"
 
@@ -70,7 +71,7 @@ def _in_xla_context() -> bool:
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
-class AccumOptimizer(keras.optimizers.Optimizer):
+class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
     """Wraps a Keras optimizer with exact gradient accumulation, EMA and clipping.
 
     Each call of `apply_gradients` (a micro-step) adds the gradients into
@@ -84,6 +85,14 @@ class AccumOptimizer(keras.optimizers.Optimizer):
                                                     global_clipnorm)
         inner.apply(merged)                        (once per update)
         ema_i      = m * ema_i + (1 - m) * var_i   (after each update only)
+
+    Custom loops written for the tf.keras experimental optimizer keep working:
+    `minimize`, `compute_gradients` and `aggregate_gradients` are here, each
+    going through `apply_gradients`; `from_config` reads that era's configs;
+    `from_keras_optimizer` converts an optimizer that uses Keras's own
+    `gradient_accumulation_steps`/`use_ema`. Subclass it as any Keras
+    optimizer: `update_step` is the per-variable work of a micro-step
+    (docs/subclassing.md).
 
     With equal micro-batches and `w = 1`, training with `merge_grad=k` on
     batches of `b` equals training on batches of `k * b`, for every inner
@@ -1238,13 +1247,51 @@ class AccumOptimizer(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        """Creates an AccumOptimizer from `get_config()` output, or from an older config.
+
+        Besides this class's own configs it accepts those written in the
+        tf.keras experimental optimizer era (TF 2.9 to 2.15) and by Keras 3's
+        base class: `is_legacy_optimizer` is ignored; `jit_compile` (on the
+        inner optimizer's config) becomes this wrapper's `jit_compile`;
+        `gradient_accumulation_steps` becomes `merge_grad`; an inner config
+        with `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+        `clipnorm`, `clipvalue` or `global_clipnorm` hands them to the
+        wrapper; the TF 2.11 class names `"Custom>Adam"` and the old `lr`
+        name are read; a legacy `decay` of 0 is dropped. A bare serialized
+        optimizer (`{"class_name": "Adam", "config": {...}}`) is wrapped with
+        the default settings plus whatever it turns on. A subclass's own
+        config keys pass through untouched to its constructor.
+
+        Args:
+            config: dict, a config as described above (not modified).
+            custom_objects: optional dict of custom classes for the inner
+                optimizer or its learning-rate schedule.
+
+        Returns:
+            An instance of this class.
+
+        Raises:
+            TypeError: `config` is not a dict.
+            ValueError: a setting that cannot be carried over (a non-zero
+                legacy `decay`, a `weight_decay` or `loss_scale_factor` on the
+                wrapper, a feature set differently on the wrapper and the
+                inner config), or a config of neither form.
+
+        Example:
+
+        ```python
+        old = {"class_name": "Custom>Adam", "config": {"learning_rate": 0.01,
+               "jit_compile": False, "is_legacy_optimizer": False}}  # TF 2.11
+        restored = AccumOptimizer.from_config(old)
+        assert restored.jit_compile is False
+        ```
+        """
+        if not isinstance(config, dict):
+            raise TypeError(f"`config` must be a dict. Received: config={config!r}")
         # Deep copy: the inner optimizer's `from_config` swaps objects into
         # its dict, and the caller's config must stay serialisable.
         config = copy.deepcopy(config)
-        inner = serialization_lib.deserialize_keras_object(
-            config.pop("optimizer"), custom_objects=custom_objects
-        )
-        return cls(inner, **config)
+        return cls(**cls._kwargs_from_config(config, custom_objects=custom_objects))
 
 
 def _check_backend():

@@ -9,7 +9,8 @@ installs the once-per-update gates of torch's LR schedulers and
 
 from keras_accum.torch import _hooks
 from keras_accum.torch.optimizer import AccumOptimizer
+from keras_accum.torch.update import apply_deferred, attach_optimizer, update_model
 
 _hooks.install()
 
-__all__ = ["AccumOptimizer"]
+__all__ = ["AccumOptimizer", "apply_deferred", "attach_optimizer", "update_model"]
