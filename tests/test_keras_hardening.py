@@ -538,3 +538,36 @@ def test_other_keras_backend_is_refused_at_construction():
     message = out.stdout.split("REFUSED:", 1)[1]
     assert "'torch'" in message and "TensorFlow backend" in message
     assert "KERAS_BACKEND=tensorflow" in message and "keras_accum.torch" in message
+
+
+@pytest.mark.slow
+def test_refused_keras_load_under_mixed_float16_leaves_every_state_unchanged(tmp_path):
+    """`compile` wraps us in a LossScaleOptimizer, whose own load would assign
+    our variables by position before ours are checked: it must not."""
+    x, y = small_data(n=32)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        saved = small_model()
+        saved.compile(optimizer=AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=4),
+                      loss="mse")
+        saved.fit(x, y, batch_size=8, verbose=0)
+        path = str(tmp_path / "m.keras")
+        saved.save(path)
+        model = small_model(seed=5)
+        opt = AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x[:16], y[:16], batch_size=8, verbose=0)
+        scaler = model.optimizer
+        before = _values(scaler.variables)
+        with pytest.raises(ValueError, match="merge_grad: saved 4, this optimizer 2"):
+            model.load_weights(path)
+        _same(_values(scaler.variables), before, "loss scale, own and inner state")
+        # The same configuration loads, loss scale included.
+        same = small_model(seed=5)
+        same.compile(optimizer=AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=4),
+                     loss="mse")
+        same.fit(x[:8], y[:8], batch_size=8, verbose=0)
+        same.load_weights(path)
+        _same(_values(same.optimizer.variables), _values(saved.optimizer.variables), "loaded")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

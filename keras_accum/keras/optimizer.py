@@ -222,6 +222,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._accumulate_jitted = False
         self._loss_scaler_ref = None
         self._pending_checks = []
+        self._pending_loss_scale = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -1193,6 +1194,10 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             if assign:
                 v.assign(value)
         self._forget_window_position()
+        pending, self._pending_loss_scale = self._pending_loss_scale, None
+        if pending is not None and pending[0]() is not None:
+            for v, value in zip(pending[0]()._variables, pending[1]):
+                v.assign(value)  # the wrapping LossScaleOptimizer's own state
         # Saved while the EMA was swapped in: the model's weights just loaded
         # are the EMA, the raw ones sit in our state. Keras loads the model's
         # weights before its optimizer's, so put the raw ones back now and
@@ -1586,8 +1591,29 @@ def _install_loss_scale_hook():
             self.built = True
         self.inner_optimizer._apply_loss_scaled(self, grads, trainable_variables)
 
+    original_load = cls.load_own_variables
+
+    @functools.wraps(original_load)
+    def load_own_variables(self, store):
+        if not isinstance(self.inner_optimizer, AccumOptimizer):
+            return original_load(self, store)
+        # The LossScaleOptimizer's entry holds its own variables, then ours by
+        # position: it would assign ours unchecked before our own entry is
+        # checked (and refused). It loads only its own; ours come from ours.
+        own = self._variables
+        if len(store.keys()) != len(own) + len(self.inner_optimizer.variables):
+            raise ValueError(
+                f"Cannot load optimizer state into LossScaleOptimizer '{self.name}': it "
+                f"holds {len(store.keys())} entries, this optimizer "
+                f"{len(own) + len(self.inner_optimizer.variables)} (nothing was loaded)."
+            )
+        values = [np.asarray(store[str(i)]) for i in range(len(own))]
+        # Assigned by our `load_own_variables` once it has checked ours.
+        self.inner_optimizer._pending_loss_scale = (weakref.ref(self), values)
+
     apply._keras_accum_hook = True
     cls.apply = apply
+    cls.load_own_variables = load_own_variables
 
 
 _install_loss_scale_hook()
