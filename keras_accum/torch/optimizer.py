@@ -33,13 +33,19 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _is_fsdp2(model: Any) -> bool:
-    """Whether `model` was wrapped by FSDP2's `fully_shard`."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(model, FSDPModule)
+def _fsdp2_modules(model: Any) -> list:
+    """The FSDP2 (`fully_shard`) modules in `model`, itself included; [] if none."""
+    if not (isinstance(model, torch.nn.Module) and torch.distributed.is_available()):
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _set_gradient_sync(fsdp_modules: list, sync: bool) -> None:
+    # Each module on its own (recurse=False): a plain root may hold sharded layers.
+    for m in fsdp_modules:
+        m.set_requires_gradient_sync(sync, recurse=False)
 
 
 def _is_dtensor(tensor: Any) -> bool:
@@ -350,7 +356,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_scale: torch.Tensor | None = None
         self._last_grad_norm: torch.Tensor | None = None
         # This micro-step's backward ran inside model.no_sync().
-        self._unreduced = False
+        self._unreduced: bool | str = False  # the running micro-step skips the reduction
+        self._window_unsynced: bool | str = False  # the window's last micro-step skipped it
         self._sparse_seen = False  # a sparse gradient was met: some windows live beside .grad
         self._ema_backup: list | None = None
         # The `.grad` tensors holding the open window (default mode), as left
@@ -607,6 +614,14 @@ class AccumOptimizer(torch.optim.Optimizer):
         all_grads = [p.grad for p in params]
         self._check_grads_kept(params, all_grads)
         grads = [g for g in all_grads if g is not None]
+        if self._unreduced and any(g.is_sparse for g in grads):
+            raise RuntimeError(
+                "A sparse gradient (nn.Embedding(sparse=True)) came from a backward run "
+                "inside `opt.no_sync(model)`: sparse windows are summed in side buffers, "
+                "where a gradient that skipped the reduction would never be reduced. Do "
+                "not use `opt.no_sync` with sparse gradients (every micro-step then "
+                "reduces). Nothing was changed."
+            )
         switch_to_buffers = weight is not None and not self._weighted
         if switch_to_buffers:
             self._check_can_switch_to_buffers(params)
@@ -629,7 +644,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._micro_steps += 1
         self._window_steps += 1
         self._window_weight += w
-        self._unreduced = False
+        self._window_unsynced, self._unreduced = self._unreduced, False
         if self._window_steps >= self._config.merge_grad:
             found_inf = self._close_window(params, grad_scaler)
             if grad_scaler is not None:
@@ -864,6 +879,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_steps = 0
         self._window_weight = 0.0
         self._window_scale = None
+        self._window_unsynced = False
         self._grad_refs = None
 
     @_on_owner
@@ -885,6 +901,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         """
         if self._window_steps == 0:
             return False
+        self._check_window_reduced("flush()")
         self._close_window(self._params())
         return True
 
@@ -922,10 +939,13 @@ class AccumOptimizer(torch.optim.Optimizer):
         `model.set_requires_gradient_sync(False)`, switched back on after the
         backward: the reduce-scatter runs once per window, on the summed
         unsharded gradients. Under FSDP2 the open window's partial sums then
-        live unreduced inside FSDP, out of reach of `state_dict()`: to save in
-        the middle of a window, run the micro-step before the save outside
-        `no_sync` (its reduce-scatter moves the partial sums into the sharded
-        `.grad`, which the state dict saves); the window's result is the same. With side buffers (`accumulator_dtype` other than the
+        live unreduced inside FSDP, out of reach of `state_dict()`; under DDP
+        they differ between ranks. So `flush()` and `state_dict()` refuse a
+        window whose last micro-step ran inside `no_sync`: run the micro-step
+        before a flush or a mid-window save outside `no_sync` (its reduction
+        moves the partial sums into `.grad`, the same on every rank, or each
+        rank's shard under FSDP2); the window's result is the same. Sparse
+        gradients live in side buffers and refuse `no_sync`. With side buffers (`accumulator_dtype` other than the
         parameter dtype, or micro-step weights) every micro-step must
         all-reduce, so this is a null context.
 
@@ -937,26 +957,48 @@ class AccumOptimizer(torch.optim.Optimizer):
         opt.step()
         ```
         """
-        if self.next_step_updates or self._uses_side_buffers():
-            yield
-            return
-        if _is_fsdp2(model):
-            # FSDP2 (`fully_shard`) has no `no_sync()`: its switch keeps the
-            # unsharded gradients and skips the reduce-scatter until it is
-            # back on, which the closing micro-step needs.
-            model.set_requires_gradient_sync(False)
-            self._unreduced = True
+        skip = not self.next_step_updates and not self._uses_side_buffers()
+        fsdp = _fsdp2_modules(model)
+        if fsdp:
+            if not skip:
+                # The closing micro-step reduce-scatters the whole window, even
+                # if the user's own code left the sync off.
+                _set_gradient_sync(fsdp, True)
+                yield
+                return
+            # FSDP2 has no `no_sync()`: its switch keeps the unsharded
+            # gradients and skips the reduce-scatter until it is back on.
+            _set_gradient_sync(fsdp, False)
             try:
+                self._unreduced = "FSDP2"
                 yield
             finally:
-                model.set_requires_gradient_sync(True)
+                _set_gradient_sync(fsdp, True)
             return
-        if not hasattr(model, "no_sync"):
+        if not skip or not hasattr(model, "no_sync"):
             yield
             return
         with model.no_sync():
-            self._unreduced = True
+            self._unreduced = "DDP"
             yield
+
+    def _check_window_reduced(self, what: str) -> None:
+        """Refuses to flush or save a window whose last micro-step skipped the reduction."""
+        engine = self._window_unsynced
+        if not engine:
+            return
+        where = (
+            "in FSDP2's unsharded gradient buffers, which no state dict holds"
+            if engine == "FSDP2"
+            else "in each rank's own `.grad`, different on every rank"
+        )
+        raise RuntimeError(
+            f"{what} was called in the middle of a window whose last micro-step ran inside "
+            f"`opt.no_sync(model)` ({engine}): the window's gradient sums are not reduced "
+            f"across processes yet (they are {where}). Run the micro-step before a flush() "
+            "or a mid-window save outside `opt.no_sync` (its backward reduces the window "
+            "so far), or save at a window boundary. Nothing was changed."
+        )
 
     # --------------------------------------------------------------------- EMA
     def _update_ema(self, params: list) -> None:
@@ -1074,6 +1116,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         State-dict post-hooks run last, on the whole dict, as on a plain
         optimizer (their result, if not None, is returned).
         """
+        if self._window_steps > 0:
+            self._check_window_reduced("state_dict()")
         with self._base_hooks_off("_optimizer_state_dict_post_hooks"):
             sd = super().state_dict()
         params = self._params()
@@ -1187,6 +1231,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._last_grad_norm = None if norm is None else norm.detach().clone()
         self._ema_backup = None
         self._unreduced = False
+        self._window_unsynced = False
 
         for i, p in enumerate(params):
             saved = saved_own.get(i, {})
