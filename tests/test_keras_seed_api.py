@@ -431,13 +431,18 @@ def test_from_keras_optimizer_carries_the_state_mid_window():
     [
         ("adam", TypeError, "must be a `keras.optimizers.Optimizer`"),
         (AccumOptimizer("sgd"), ValueError, "already an AccumOptimizer"),
-        (keras.optimizers.SGD(loss_scale_factor=128.0), ValueError, "loss_scale_factor"),
     ],
-    ids=["not-an-optimizer", "already-accum", "loss-scale-factor"],
+    ids=["not-an-optimizer", "already-accum"],
 )
 def test_from_keras_optimizer_bad_input(optimizer, error, message):
     with pytest.raises(error, match=message):
         AccumOptimizer.from_keras_optimizer(optimizer)
+
+
+def test_from_keras_optimizer_moves_a_fixed_loss_scale_to_the_wrapper():
+    converted = AccumOptimizer.from_keras_optimizer(keras.optimizers.SGD(loss_scale_factor=128.0))
+    assert converted.loss_scale_factor == 128.0
+    assert converted.inner_optimizer.loss_scale_factor is None
 
 
 @pytest.mark.slow

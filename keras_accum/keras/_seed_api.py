@@ -250,13 +250,17 @@ class _SeedAPIMixin:
         # Keys the tf.keras-era (or Keras 3) base class wrote for the wrapper itself.
         config.pop("is_legacy_optimizer", None)
         _drop_legacy_decay(config, "The AccumOptimizer config")
-        for key in ("weight_decay", "loss_scale_factor"):
-            value = config.pop(key, None)
-            if not _is_off(value):
-                raise ValueError(
-                    f"`{key}` belongs to the inner optimizer (AccumOptimizer has none of "
-                    "its own): move it into the 'optimizer' config. " + _received(key, value)
-                )
+        # `loss_scale_factor` is AccumOptimizer's own argument (a fixed loss
+        # scale, undone per micro-step); `weight_decay` is the inner one's.
+        if _is_off(config.get("loss_scale_factor")):
+            config.pop("loss_scale_factor", None)
+        value = config.pop("weight_decay", None)
+        if not _is_off(value):
+            raise ValueError(
+                "`weight_decay` belongs to the inner optimizer (AccumOptimizer has none of "
+                "its own): move it into the 'optimizer' config. "
+                + _received("weight_decay", value)
+            )
         _merge_steps(config, config.pop("gradient_accumulation_steps", None), "the config")
         outer_lr = config.pop("learning_rate", None)
 
@@ -375,14 +379,10 @@ class _SeedAPIMixin:
                 + _received("optimizer", optimizer)
             )
         cfg = optimizer.get_config()
-        if cfg.get("loss_scale_factor") is not None:
-            raise ValueError(
-                "`optimizer` uses `loss_scale_factor`, which AccumOptimizer does not take "
-                "over: use a LossScaleOptimizer around the AccumOptimizer (the "
-                "`mixed_float16` policy does this in `model.compile`). "
-                + _received("loss_scale_factor", cfg["loss_scale_factor"])
-            )
         kwargs: dict = {}
+        if cfg.get("loss_scale_factor") is not None:
+            # A fixed loss scale moves to the wrapper, which undoes it per micro-step.
+            kwargs["loss_scale_factor"] = cfg.pop("loss_scale_factor")
         steps = cfg.pop("gradient_accumulation_steps", None)
         kwargs["merge_grad"] = int(steps) if steps else 1
         use_ema = bool(cfg.get("use_ema", False))
