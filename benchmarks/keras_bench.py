@@ -234,10 +234,8 @@ def _optimizer_alone(width, repeats):
     assert int(accum.window_steps.numpy()) == 0
     rows += [dict(context="tf.function", row=name, **s) for name, s in stats.items()]
 
-    # Memory: state beyond the inner (plain) optimizer's, from the variables'
-    # sizes. In memory: distinct variables, neither the inner optimizer's nor
-    # the model's. Saved: what `save_own_variables` writes (`variables`, in
-    # order, repeats included) beyond what the inner optimizer alone writes.
+    # Memory: the variables' sizes (what a `.keras` file holds is measured
+    # apart, by `_saved_state`).
     memory += [
         _memory("accum", accum, accum.inner_optimizer, variables),
         _memory("builtin", builtin, plain, variables),

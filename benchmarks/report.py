@@ -310,7 +310,7 @@ def markdown(results):
         "The optimizer alone on fixed gradients (eager loop, tf.function), and "
         "`model.fit` (forward and backward included). In the eager loop the "
         "built-in and plain Adam run eagerly (they have no jit switch for an eager "
-        "call) and are measured again beside each AccumOptimizer setting; the floor "
+        "call; one measurement, shown under both settings, all six interleaved); the floor "
         "is XLA-compiled with `jit_compile=True`, a plain tf.function otherwise, and "
         "in fit an optimizer whose `apply` only adds the gradients into buffers.",
         "",
