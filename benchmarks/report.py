@@ -1,8 +1,14 @@
-"""The Markdown table (`results.md`) and the plot (`plot.png`) from the sections' results."""
+"""The Markdown table (`results.md`) and the plot (`plot.png`) from the sections' results.
+
+`python -m benchmarks.report DIR` writes them again from `DIR/results.json`.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 
 KERAS_CONTEXTS = (
     "eager loop, jit_compile=True",
@@ -276,7 +282,7 @@ def markdown(results):
         "# keras_accum benchmarks",
         "",
         f"- Machine: {m['cores']} cores ({m['cpu']}), {m['system']}; intra-op threads: "
-        f"TensorFlow {results['keras'].get('threads', '?')}, "
+        f"TensorFlow {_threads(results['keras'].get('threads'))}, "
         f"torch {results['torch'].get('threads', '?')}.",
         f"- Load average (1, 5, 15 min): {_load(m['load_start'])} at the start, "
         f"{_load(m['load_end'])} at the end."
@@ -286,6 +292,7 @@ def markdown(results):
             if loaded
             else ""
         ),
+        f"- glibc malloc: {_malloc(m.get('malloc'))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
         f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}.",
         f"- Commit: `{m['commit']}`; {m['date']}; {results['mode']} run, "
@@ -339,12 +346,22 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def _threads(value):
+    return "default (all cores)" if value in (None, "default", 0) else str(value)
+
+
+def _malloc(settings):
+    if not settings:
+        return "default settings"
+    return ", ".join(f"`{k}={v}`" for k, v in settings.items())
+
+
 def _load(values):
     return ", ".join(f"{v:.1f}" for v in values)
 
 
 def _repeats(results):
-    return ", ".join(f"{s}: {n}" for s, n in results["repeats"].items())
+    return ", ".join(f"{s}: {results['repeats'][s]}" for s in results["sizes"])
 
 
 def plot(results, path):
@@ -404,3 +421,15 @@ def plot(results, path):
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(results, folder):
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(markdown(results))
+    plot(results, os.path.join(folder, "plot.png"))
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    with open(os.path.join(folder, "results.json")) as f:
+        write(json.load(f), folder)

@@ -76,6 +76,9 @@ def machine():
         "torch": _version("torch"),
         "numpy": _version("numpy"),
         "commit": _commit(),
+        # glibc's allocator settings change the cost of every fresh 50 MB
+        # temporary (see benchmarks/README.md): record them when set.
+        "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -174,8 +177,6 @@ def main(argv=None):
     results["seconds"] = time.perf_counter() - start
 
     C.write_json(os.path.join(args.out, "results.json"), results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report.markdown(results))
-    report.plot(results, os.path.join(args.out, "plot.png"))
+    report.write(results, args.out)
     print(f"wrote {args.out}/results.md, results.json, plot.png ({results['seconds']:.0f} s)")
     return 0
