@@ -419,7 +419,7 @@ def plot(results, path):
         f"load {m['load_start'][0]:.1f}; commit {m['commit'][:12]}",
         fontsize=11,
     )
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
