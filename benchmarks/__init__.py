@@ -1,0 +1,4 @@
+"""keras_accum's benchmark suite: `python -m benchmarks [--quick] [--out DIR]`.
+
+Not part of the installed package. See benchmarks/README.md.
+"""

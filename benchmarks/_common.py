@@ -1,0 +1,71 @@
+"""What the Keras and torch sections share: sizes, the window protocol, statistics.
+
+Imports neither framework: each section runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+MERGE_GRAD = 4
+BATCH = 8
+LAYERS = 4
+
+# Hidden width -> parameters of an MLP of `LAYERS` Dense(width, width) layers
+# (kernels and biases): 4 * (w * w + w). The number of variables (8) is the
+# same at every size, so the growth with size is the per-element cost.
+FULL_WIDTHS = {"1M": 500, "10M": 1581, "50M": 3535}
+QUICK_WIDTHS = {"2k": 22, "20k": 70}
+
+# Timed windows per size (medians over these); the first windows (trace,
+# compile, slot creation) are never timed. Fewer at 50M: the whole full run
+# must fit in about ten minutes on two cores.
+FULL_REPEATS = {"1M": 9, "10M": 5, "50M": 3}
+QUICK_REPEATS = 2
+
+
+def n_params(width: int, layers: int = LAYERS) -> int:
+    return layers * (width * width + width)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def window_stats(times: list[float], k: int = MERGE_GRAD) -> dict:
+    """One window's micro-step times (k of them, the last one updates) summarised."""
+    assert len(times) == k, times
+    return {
+        "non_update": statistics.fmean(times[:-1]) if k > 1 else None,
+        "update": times[-1],
+        "window": statistics.fmean(times),
+    }
+
+
+def uniform_stats(times: list[float], kind: str) -> dict:
+    """Micro-steps that are all alike: all updates (plain) or none (the floor)."""
+    t = statistics.fmean(times)
+    return {
+        "non_update": t if kind == "non_update" else None,
+        "update": t if kind == "update" else None,
+        "window": t,
+    }
+
+
+def median_stats(per_repeat: list[dict]) -> dict:
+    """Medians over repeats of each field (None stays None); times in seconds."""
+    out = {}
+    for key in ("non_update", "update", "window"):
+        values = [r[key] for r in per_repeat if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    out["repeats"] = len(per_repeat)
+    return out
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)

@@ -1,0 +1,182 @@
+"""The runner: both sections, each in its own process, then `results.md`, `results.json`, `plot.png`.
+
+`python -m benchmarks [--quick] [--out DIR] [--sizes 1M,10M]`, from the
+repository root. The full run measures 1M, 10M and 50M parameters; `--quick`
+uses tiny sizes and two windows (a smoke test: its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import _common as C
+from benchmarks import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("keras", "torch")
+
+
+def _version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit():
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", ROOT, *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    # Results written into the tree by an earlier run do not make it dirty.
+    changes = [
+        line for line in git("status", "--porcelain").splitlines()
+        if "benchmarks/results" not in line
+    ]  # fmt: skip
+    return commit + (" (with uncommitted changes)" if changes else "")
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def machine():
+    return {
+        "cores": _cores(),
+        "cpu": _cpu_model(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tensorflow": _version("tensorflow"),
+        "keras": _version("keras"),
+        "torch": _version("torch"),
+        "numpy": _version("numpy"),
+        "commit": _commit(),
+        # glibc's allocator settings change the cost of every fresh 50 MB
+        # temporary (see benchmarks/README.md): record them when set.
+        "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _start(section, sizes, args, path):
+    """Starts one section on some sizes in a fresh process (no framework shares it)."""
+    command = [sys.executable, "-m", f"benchmarks.{section}_bench", "--json", path]
+    command += ["--sizes", ",".join(sizes)]
+    if args.quick:
+        command.append("--quick")
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if section == "keras" and sizes[0] == args.all_sizes[0]:
+        command.append("--saved-state")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True
+    )
+    return section, proc, err, path
+
+
+def _finish(job):
+    section, proc, err, path = job
+    for line in proc.stdout:  # progress, one line per size
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        err.seek(0)
+        sys.stderr.write(err.read())
+        raise SystemExit(f"benchmarks: the {section} section failed (exit {proc.returncode})")
+    err.close()
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_sections(args, folder):
+    """Full run: one section at a time, so nothing else competes for the cores.
+    Quick run: every (section, size) in its own process at once (a smoke test:
+    its timings mean nothing, only its wall time matters)."""
+    if args.quick:
+        plan = [("keras", [s]) for s in args.all_sizes] + [("torch", args.all_sizes)]
+    else:
+        plan = [(section, args.all_sizes) for section in SECTIONS]
+    paths = [os.path.join(folder, f"{sec}-{i}.json") for i, (sec, _) in enumerate(plan)]
+    if args.quick:
+        jobs = [_start(sec, sizes, args, p) for (sec, sizes), p in zip(plan, paths)]
+        parts = [_finish(job) for job in jobs]
+    else:
+        parts = [_finish(_start(sec, sizes, args, p)) for (sec, sizes), p in zip(plan, paths)]
+    merged = {}
+    for (section, _), part in zip(plan, parts):
+        into = merged.setdefault(section, {"rows": [], "memory": []})
+        into["rows"] += part.pop("rows")
+        into["memory"] += part.pop("memory")
+        into.update(part)
+    return merged
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, two windows (smoke test)")
+    parser.add_argument(
+        "--out", default=os.path.join(ROOT, "benchmarks", "results"), help="output folder"
+    )
+    parser.add_argument("--sizes", default=None, help="a subset of the sizes, e.g. 1M,10M")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="intra-op threads for TensorFlow and torch (default: theirs, all cores)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS
+    sizes = args.sizes.split(",") if args.sizes else list(widths)
+    unknown = [s for s in sizes if s not in widths]
+    if unknown:
+        parser.error(f"--sizes must be among {', '.join(widths)}. Received: {','.join(unknown)}")
+    os.makedirs(args.out, exist_ok=True)
+
+    start = time.perf_counter()
+    info = machine()
+    info["load_start"] = list(os.getloadavg())
+    results = {
+        "mode": "quick" if args.quick else "full",
+        "sizes": sizes,
+        "repeats": {s: C.QUICK_REPEATS if args.quick else C.FULL_REPEATS[s] for s in sizes},
+        "merge_grad": C.MERGE_GRAD,
+        "batch": C.BATCH,
+    }
+    args.all_sizes = sizes
+    with tempfile.TemporaryDirectory() as tmp:
+        results.update(_run_sections(args, tmp))
+    info["load_end"] = list(os.getloadavg())
+    results["machine"] = info
+    results["seconds"] = time.perf_counter() - start
+
+    C.write_json(os.path.join(args.out, "results.json"), results)
+    report.write(results, args.out)
+    print(f"wrote {args.out}/results.md, results.json, plot.png ({results['seconds']:.0f} s)")
+    return 0

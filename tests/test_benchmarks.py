@@ -1,0 +1,113 @@
+"""`python -m benchmarks --quick`: the runner writes its table and plot with every row.
+
+A smoke test of the suite on tiny sizes: it checks what is written, never a
+timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+KERAS_CONTEXTS = (
+    "eager loop, jit_compile=True",
+    "eager loop, jit_compile=False",
+    "tf.function",
+    "model.fit, jit_compile=False",
+    "model.fit, jit_compile=True",
+)
+KERAS_ROWS = (
+    "AccumOptimizer(Adam)",
+    "Adam(gradient_accumulation_steps=4)",
+    "plain Adam",
+    "floor: bare assign_add",
+)
+TORCH_ROWS = {
+    "training (forward, backward, step)": (
+        "hand-written loop",
+        "AccumOptimizer(AdamW)",
+        "hand-written loop + clip_grad_norm_",
+        "AccumOptimizer(AdamW, global_clipnorm)",
+        "AccumOptimizer(AdamW, use_ema)",
+    ),
+    "EMA update alone": ("AccumOptimizer EMA update", "bare torch._foreach_lerp_"),
+}
+TARGETS = (
+    "Keras eager, jit on: non-update ÷ XLA floor",
+    "Keras tf.function: update ÷ built-in",
+    "Keras model.fit, jit_compile=False: window ÷ built-in",
+    "Keras fit, jit on: window ÷ plain Adam",
+    "torch training: AccumOptimizer(AdamW) window ÷ hand-written loop",
+    "torch: EMA update ÷ bare foreach lerp",
+    "torch: extra bytes by default",
+    "linear: Keras tf.function",
+)
+
+
+def _section(markdown, title):
+    """The Markdown table under `### {title}` (up to the next heading)."""
+    start = markdown.index(f"### {title}\n")
+    end = markdown.find("\n#", start + 1)
+    return markdown[start : end if end > 0 else None]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_table_and_the_plot_with_every_row(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    png = (out / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    results = json.loads((out / "results.json").read_text())
+    sizes = results["sizes"]
+    assert len(sizes) >= 2 and results["mode"] == "quick"
+    md = (out / "results.md").read_text()
+    for fact in ("cores (", "TensorFlow 2.", "Keras 3.", "torch 2.", "Commit: `"):
+        assert fact in md, fact
+
+    params = {r["size"]: r["params"] for r in results["keras"]["rows"]}
+    assert len(params) == len(sizes)
+    for context in KERAS_CONTEXTS:
+        table = _section(md, f"Keras, {context}")
+        for size in sizes:
+            label = f"{params[size] / 1e3:.1f}k"
+            for row in KERAS_ROWS:
+                line = f"| {label} | {row} |"
+                assert table.count(line) == 1, (context, line)
+                # Every timing cell of the row is filled in.
+                cells = table.split(line, 1)[1].split("\n", 1)[0].split("|")[1:4]
+                assert any(c.strip() not in ("", "—") for c in cells), (context, line)
+    for context, rows in TORCH_ROWS.items():
+        table = _section(md, f"torch, {context}")
+        for size in sizes:
+            for row in rows:
+                assert table.count(f"| {params[size] / 1e3:.1f}k | {row} |") == 1, (context, row)
+
+    targets = md[md.index("## Targets") : md.index("## Keras")]
+    for target in TARGETS:
+        assert target in targets, target
+    memory = md[md.index("## Memory") :]
+    for row in ("| keras | AccumOptimizer(Adam) |", "| keras | AccumOptimizer(Adam, use_ema) |",
+                "| keras | Adam(gradient_accumulation_steps=4) |",
+                "| torch | AccumOptimizer(AdamW) |", "| torch | AccumOptimizer(AdamW, use_ema) |"):
+        assert memory.count(row) == len(sizes), row
+    # Memory is exact, not a timing: one accumulator per variable (plus a few
+    # counters) on the Keras side, no extra tensor on the torch side.
+    held = {(m["row"], m["size"]): m["extra"] / m["trainable"] for m in results["keras"]["memory"]}
+    for size in sizes:
+        assert 1.0 <= held[("accum", size)] < 1.05
+        assert 2.0 <= held[("accum_ema", size)] < 2.05
+    assert all(m["extra"] == 0 for m in results["torch"]["memory"] if m["row"] == "accum")
