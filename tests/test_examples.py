@@ -9,6 +9,10 @@ by ";":
     <!-- example: continue -->            run in the namespace of the block above
     <!-- example: requires accelerate --> skip when the module is not installed
     <!-- example: skip (reason) -->       do not run (use sparingly)
+    <!-- example: subprocess -->          run in a fresh Python process (a block
+                                          that makes its own tf.distribute strategy:
+                                          two collective strategies in one process
+                                          can abort each other's ops)
 
 Docstrings: the ```python blocks and `>>>` examples of every docstring in the
 package run, in order, in one namespace prepared by the setup of its side
@@ -178,7 +182,23 @@ def test_markdown_example(chain, tmp_path, monkeypatch):
                 name = d.split(None, 1)[1]
                 assert name in SETUPS, f"unknown example setup {name!r} at {chain['file']}:{line}"
                 namespace.update(_setup(name))
+        if "subprocess" in directives:
+            _run_in_subprocess(code, tmp_path)
+            continue
         _run(code, os.path.join(ROOT, chain["file"]), line, namespace)
+
+
+def _run_in_subprocess(code: str, cwd) -> None:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ docstrings

@@ -533,9 +533,9 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
         got = run_stream(opt, make_variables(params), stream)
     assert sum("XLA could not compile" in str(w.message) for w in record) == 1
     # The accumulate function traced twice (the XLA try, then the plain
-    # tf.function), not run per micro-step; the updates ran eagerly.
+    # tf.function), the update function once: neither runs per micro-step.
     assert bodies.count(False) == 2
-    assert bodies.count(True) == oracle.iterations
+    assert bodies.count(True) == 1 < oracle.iterations
     assert not opt._accumulate_jitted
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations

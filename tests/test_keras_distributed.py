@@ -31,9 +31,13 @@ def _strategy(**kwargs):
     return tf.distribute.MirroredStrategy(DEVICES, **kwargs)
 
 
-# One collective-based strategy for the whole module: two of them in one
-# process may reuse collective instance keys and abort each other's ops.
-STRATEGY = tf.distribute.MirroredStrategy(DEVICES)
+# No collectives in-process: two collective-based strategies in one process
+# (another test module's, a README example's) may reuse collective instance
+# keys and abort each other's ops. The collective path (CollectiveReduceV2) is
+# tested with MultiWorkerMirroredStrategy, in worker processes of their own.
+STRATEGY = tf.distribute.MirroredStrategy(
+    DEVICES, cross_device_ops=tf.distribute.ReductionToOneDevice()
+)
 
 
 def _data(n=64, seed=0):

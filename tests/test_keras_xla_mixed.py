@@ -159,7 +159,7 @@ def test_jitted_step_matches_eager_step_and_oracle(case):
 def test_one_xla_trace_serves_every_non_update_micro_step(weighted):
     """Eager loop: the host knows the window position, so a micro-step that does
     not update runs one XLA function that only accumulates (no conditional, so
-    XLA writes back no weight and no inner slot); the closing one runs eagerly."""
+    XLA writes back no weight and no inner slot); the closing one runs its own function."""
     variables = _variables(cases.make_params())
     opt = AccumOptimizer(
         keras.optimizers.SGD(0.1, momentum=0.9),

@@ -220,6 +220,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._host_window_steps = None
         self._accumulate_fn = None
         self._accumulate_jitted = False
+        self._update_fn = None
         self._loss_scaler_ref = None
         self._pending_checks = []
         self._pending_loss_scale = None
@@ -634,17 +635,24 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         So a non-update micro-step runs one compiled function that only
         accumulates (XLA when `jit_compile`, traced once per gradient
         structure), with no conditional that would make XLA write back every
-        variable the update could touch; the closing one runs eagerly, as the
-        inner optimizer runs alone in an eager loop: the same kernels, so
-        `merge_grad=1` is bit-identical to it and an update costs what the
-        plain optimizer's eager step costs.
+        variable the update could touch; the closing one runs one plain
+        `tf.function` (traced once per structure: the inner optimizer's
+        kernels, as in `fit`). With `merge_grad=1` every micro-step updates
+        and runs eagerly, as the inner optimizer runs alone in an eager loop,
+        so the two are bit-identical.
         """
         position = self._host_window_steps
         if position is None:  # after a load, a restore or a traced call
             position = int(self._window_steps.numpy())
         closes = position + 1 >= self.merge_grad
-        if closes:
+        if closes and self.merge_grad == 1:
+            # Every micro-step updates: run eagerly, as the inner optimizer
+            # runs alone in an eager loop, so the two are bit-identical.
             finite = self._micro_step(aligned, weight, closes=True)
+        elif closes:
+            if self._update_fn is None:
+                self._update_fn = tf.function(functools.partial(self._micro_step, closes=True))
+            finite = self._update_fn(aligned, weight)
         else:
             finite = self._accumulate_step(aligned, weight)
         if self._raise_checked() and not bool(finite):
@@ -773,7 +781,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             first = self._window_steps == 0
             acc.assign(tf.where(first, gradient, tf.maximum(acc, gradient)))
         else:
-            acc.assign_add(gradient)
+            # The tf.Variable's own in-place add: `keras.Variable.assign_add`
+            # is `assign(self + value)`, a new full-size tensor every time.
+            _distribute.local_component(acc).assign_add(gradient)
 
     def _micro_step(self, grads, weight, assert_finite=False, closes=None):
         """One micro-step, traceable: accumulate here, decide once for all replicas.
@@ -1513,7 +1523,9 @@ def _all_finite(tensors):
 
 
 def _global_norm(tensors):
-    squares = [tf.reduce_sum(tf.square(t)) for t in tensors]
+    # `2 * l2_loss` reads each tensor once; `reduce_sum(square)` writes the
+    # squares out and reads them back.
+    squares = [2.0 * tf.nn.l2_loss(t) for t in tensors]
     dtype = _widest_dtype([s.dtype for s in squares])  # float64 accumulators beside float32
     return tf.sqrt(tf.add_n([tf.cast(s, dtype) for s in squares]))
 
