@@ -605,3 +605,21 @@ def test_mixed_float16_overflow_on_one_replica_skips_the_window_on_all():
         for other in others:
             np.testing.assert_array_equal(first, other)
     _assert_close(_weights(model), _weights(large), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_fit_under_a_one_replica_strategy_equals_the_large_batch():
+    """One device under MirroredStrategy (say one GPU): Keras's own optimizers
+    `merge_call` there too, so the update still runs in cross-replica context."""
+    x, y = _data(32)
+    with tf.distribute.MirroredStrategy(
+        ["/cpu:0"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    ).scope():
+        model = _mlp()
+        opt = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=K, global_clipnorm=0.3)
+        model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    reference = _large_batch_fit(keras.optimizers.Adam(0.01), x, y, epochs=1,
+                                 global_clipnorm=0.3)
+    _assert_close(_weights(model), _weights(reference))
+    assert int(opt.iterations.numpy()) == 2

@@ -34,9 +34,9 @@ def multi_replica() -> bool:
     return tf.distribute.has_strategy() and num_replicas() > 1
 
 
-def in_replica_context_of_many() -> bool:
-    """True inside `strategy.run` of a strategy with several replicas."""
-    return multi_replica() and tf.distribute.get_replica_context() is not None
+def in_strategy_replica_context() -> bool:
+    """True inside `strategy.run` of a strategy (of any number of replicas)."""
+    return tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None
 
 
 def replica_local_variable(optimizer, shape, dtype, name):
@@ -64,14 +64,16 @@ def replica_local_variable(optimizer, shape, dtype, name):
 def call_in_cross_replica_context(fn, *tensors):
     """Runs `fn(*tensors)` once for all replicas, in cross-replica context.
 
-    In replica context of a multi-replica strategy this is one `merge_call`:
+    In replica context of a strategy (one replica included: Keras's own
+    optimizers then `merge_call` too, which a `cond` branch in replica context
+    cannot host) this is one `merge_call`:
     `fn` is traced once and sees the first local replica's value of each
     tensor argument (callers pass values that every replica agrees on, such
     as the micro-step's weight). `merge_call` itself communicates nothing; only
     what `fn` reduces does. Anywhere else `fn` is called directly.
     """
     context = tf.distribute.get_replica_context()
-    if context is None or not multi_replica():
+    if context is None or not tf.distribute.has_strategy():
         return fn(*tensors)
 
     def merged(strategy, *per_replica):
@@ -92,7 +94,7 @@ def sum_over_replicas(variables):
     Must run in cross-replica context. One batched reduction for all the
     variables (a single all-reduce under `MultiWorkerMirroredStrategy`).
     """
-    if not multi_replica():
+    if not tf.distribute.has_strategy():
         return [tf.convert_to_tensor(v) for v in variables]
     strategy = tf.distribute.get_strategy()
     # Destinations on the variables' own devices: an all-reduce, batched (a
@@ -135,7 +137,7 @@ def run_in_each_replica(fn, tensors):
     context; Keras's LossScaleOptimizer uses the same construction under a
     strategy. Without one, `fn` is simply called.
     """
-    if not multi_replica():
+    if not tf.distribute.has_strategy():
         return fn(tensors)
     strategy = tf.distribute.get_strategy()
     return strategy.extended.call_for_each_replica(fn, args=(tensors,))

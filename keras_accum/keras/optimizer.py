@@ -549,10 +549,10 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         _check_gradient_shapes(aligned, self._trainable_variables)
         self._pending_checks = []
         weight = self._checked_weight(weight)
-        if tf.distribute.in_cross_replica_context() and _distribute.multi_replica():
+        if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
             raise RuntimeError(
                 f"AccumOptimizer '{self.name}': `apply_gradients` must be called in "
-                "replica context under a strategy of several replicas, i.e. inside "
+                "replica context under a `tf.distribute` strategy, i.e. inside "
                 "`strategy.run(step_fn)` (`model.fit` does this)."
             )
         if skip_gradients_aggregation and _distribute.multi_replica():
@@ -582,7 +582,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             with tf.control_dependencies(self._pending_checks):  # nothing moves before them
                 self._micro_step(aligned, weight, assert_finite=True)
             return
-        if _distribute.in_replica_context_of_many():
+        if _distribute.in_strategy_replica_context():
             finite = self._micro_step(aligned, weight)  # eager `strategy.run`
         else:
             finite = self._eager_micro_step(aligned, weight)
