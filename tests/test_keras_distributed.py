@@ -518,6 +518,7 @@ def _free_ports(n):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_multi_worker_mirrored_strategy_equals_the_large_batch(tmp_path):
     """Two worker processes on 127.0.0.1 (`TF_CONFIG`), a custom `strategy.run` loop.
 

@@ -18,6 +18,9 @@ import torch.multiprocessing as mp
 
 from keras_accum.torch import AccumOptimizer
 
+# Process groups on 127.0.0.1: one at a time (see pyproject.toml).
+pytestmark = pytest.mark.xdist_group("processes")
+
 WORLD = 2
 MERGE_GRAD = 3
 MICRO_BATCH = 4

@@ -47,6 +47,9 @@ from test_torch_distributed import (
 
 from keras_accum.torch import AccumOptimizer
 
+# Process groups on 127.0.0.1: one at a time (see pyproject.toml).
+pytestmark = pytest.mark.xdist_group("processes")
+
 LR, MOMENTUM = 0.1, 0.9
 CLIP = 0.05  # below every merged gradient's norm here: the clip acts
 EMA = 0.9

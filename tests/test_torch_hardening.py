@@ -453,6 +453,7 @@ def _ddp_bucket_view_worker(rank: int, port: int, out_path: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_ddp_bucket_view_swap_is_not_taken_for_a_zero_grad(tmp_path):
     import socket
 
