@@ -140,9 +140,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             discarded at its update and counted in `skipped_updates`;
             `"raise"`: raise at the micro-step that produced it;
             `"ignore"`: pass non-finite values on.
-        jit_compile: bool, run `apply_gradients` called eagerly (custom loops)
-            as one XLA-compiled function. Inside `model.fit` or a user's
-            `tf.function`, the caller's compilation decides. Defaults to True.
+        jit_compile: bool, compile with XLA the function that an eagerly
+            called micro-step which does not update runs (custom loops); the
+            closing micro-step runs a plain `tf.function` (eagerly with
+            `merge_grad=1`). Inside `model.fit` or a user's `tf.function`,
+            the caller's compilation decides. Defaults to True.
         loss_scale_factor: float > 0 or None, a fixed loss scale: `model.fit`
             multiplies the loss by it (`scale_loss`) and each micro-step
             divides its gradients by it before accumulating. Defaults to None.
