@@ -624,3 +624,27 @@ def test_fit_under_a_one_replica_strategy_equals_the_large_batch():
                                  global_clipnorm=0.3)
     _assert_close(_weights(model), _weights(reference))
     assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.slow
+def test_flush_window_callback_under_the_strategy_applies_the_open_window():
+    """`FlushWindow` flushes from the callback (cross-replica, eager): 5 micro-batches
+    of 8 with merge_grad=2 give the large batches 16, 16 and a last one of 8."""
+    from keras_accum import FlushWindow
+
+    x, y = _data(40)
+    with STRATEGY.scope():
+        model = _mlp()
+        opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=K)
+        model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[FlushWindow()])
+    assert int(opt.iterations.numpy()) == 3 and int(opt.window_steps.numpy()) == 0
+    reference, plain = _mlp(), keras.optimizers.SGD(0.1, momentum=0.9)
+    for start, stop in ((0, 16), (16, 32), (32, 40)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(
+                keras.losses.mean_squared_error(y[start:stop], reference(x[start:stop]))
+            )
+        grads = tape.gradient(loss, reference.trainable_variables)
+        plain.apply_gradients(zip(grads, reference.trainable_variables))
+    _assert_close(_weights(model), _weights(reference))
