@@ -5,6 +5,7 @@ Imports neither framework: each section runs in its own process.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -69,3 +70,13 @@ def median_stats(per_repeat: list[dict]) -> dict:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
+
+
+def section_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark section takes (the runner passes them on)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", default=None, help="comma-separated size names")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    return parser

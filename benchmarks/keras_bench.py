@@ -24,7 +24,6 @@ machine slows them alike; each figure is the median over windows.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import tempfile
@@ -320,11 +319,7 @@ def _fit(width, jit_compile, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sizes", default=None, help="comma-separated size names")
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    parser = C.section_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--saved-state", action="store_true", help="also measure a .keras file (first size)"
     )

@@ -22,7 +22,6 @@ window by window; each figure is the median over windows.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
@@ -217,11 +216,7 @@ def _optimizer_only(width, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sizes", default=None, help="comma-separated size names")
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    parser = C.section_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
