@@ -247,20 +247,27 @@ def _inner_state(opt):
     return _values(opt.inner_optimizer.variables)
 
 
-@pytest.mark.slow
-def test_refused_keras_load_leaves_inner_and_own_state_unchanged(tmp_path):
-    """Loading a differently configured `.keras` state raises and assigns nothing."""
+def _saved_merge4_and_trained_merge2(tmp_path):
+    """A `.keras` file of a merge_grad=4 model, and a merge_grad=2 model that
+    took one update (moments non-zero): loading the first into the second must
+    be refused."""
     x, y = small_data(n=32)
     saved = small_model()
     saved.compile(optimizer=AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=4), loss="mse")
     saved.fit(x, y, batch_size=8, verbose=0)
     path = str(tmp_path / "m.keras")
     saved.save(path)
-
     model = small_model(seed=5)
     opt = AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2)
     model.compile(optimizer=opt, loss="mse")
-    model.fit(x[:16], y[:16], batch_size=8, verbose=0)  # one update: moments non-zero
+    model.fit(x[:16], y[:16], batch_size=8, verbose=0)
+    return saved, path, model, opt
+
+
+@pytest.mark.slow
+def test_refused_keras_load_leaves_inner_and_own_state_unchanged(tmp_path):
+    """Loading a differently configured `.keras` state raises and assigns nothing."""
+    _, path, model, opt = _saved_merge4_and_trained_merge2(tmp_path)
     own_before = _values(opt.variables[: -len(opt.inner_optimizer.variables)])
     inner_before = _inner_state(opt)
     with pytest.raises(ValueError, match="merge_grad: saved 4, this optimizer 2"):
@@ -547,16 +554,7 @@ def test_refused_keras_load_under_mixed_float16_leaves_every_state_unchanged(tmp
     x, y = small_data(n=32)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        saved = small_model()
-        saved.compile(optimizer=AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=4),
-                      loss="mse")
-        saved.fit(x, y, batch_size=8, verbose=0)
-        path = str(tmp_path / "m.keras")
-        saved.save(path)
-        model = small_model(seed=5)
-        opt = AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2)
-        model.compile(optimizer=opt, loss="mse")
-        model.fit(x[:16], y[:16], batch_size=8, verbose=0)
+        saved, path, model, opt = _saved_merge4_and_trained_merge2(tmp_path)
         scaler = model.optimizer
         before = _values(scaler.variables)
         with pytest.raises(ValueError, match="merge_grad: saved 4, this optimizer 2"):
