@@ -871,13 +871,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         `present[i]` is True when variable i is known (at trace time) to have
         a gradient in this window; otherwise `_seen` decides at run time.
         """
-        # A window whose weights sum to 0 holds no samples: nothing is
-        # applied or counted (a large batch of no samples takes no step).
-        tf.cond(
-            self._window_weight > 0,
-            lambda: _no_output(self._close_window(present)),
-            lambda: None,
-        )
+        self._close_window(present)
         for acc in self._accumulators:
             # Reset by assignment, never by subtraction or scaling: one inf
             # must not turn later windows into NaN.
@@ -887,36 +881,59 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._window_steps.assign(tf.zeros_like(self._window_steps))
 
     def _close_window(self, present):
-        """Merge, check, clip, one inner step, EMA (the window holds samples)."""
+        """Merge, check, clip, one inner step, EMA (the window holds samples).
+
+        The decision (finite or not) needs the global norm first. It is taken
+        from the summed accumulators and scaled, so that no full-size merged
+        gradient is made before it: the merged gradients are made in the
+        branch that uses them, one by one as the inner step consumes them,
+        which keeps the update's peak memory (and, on CPU, the page faults of
+        fresh allocations) at the built-in accumulation's.
+        """
         sums = _distribute.sum_over_replicas(self._accumulators)
-        merged = []
         scaler = self._loss_scaler()
-        for acc_sum, v in zip(sums, self._trainable_variables):
-            if _overwrites_with_gradient(v):
-                merged.append(acc_sum)  # a maximum, never divided or unscaled
-                continue
-            g = acc_sum
-            if self.reduction == "mean":
-                g = g / tf.cast(self._window_weight, g.dtype)
-            if scaler is not None:
-                g = g / tf.cast(scaler.dynamic_scale, g.dtype)
-            merged.append(g)
+        overwrite = [_overwrites_with_gradient(v) for v in self._trainable_variables]
+
+        def merge():
+            merged = []
+            for acc_sum, over in zip(sums, overwrite):
+                g = acc_sum
+                if not over:  # a float8 window maximum is never divided or unscaled
+                    if self.reduction == "mean":
+                        g = g / tf.cast(self._window_weight, g.dtype)
+                    if scaler is not None:
+                        g = g / tf.cast(scaler.dynamic_scale, g.dtype)
+                merged.append(g)
+            return merged
+
         # Never-seen accumulators are exactly zero: they add nothing to the norm.
-        norm = _global_norm(merged)
-        self._last_grad_norm.assign(norm)
+        norm = _global_norm([x for x, over in zip(sums, overwrite) if not over])
+        if self.reduction == "mean":
+            norm = norm / tf.cast(self._window_weight, norm.dtype)
+        if scaler is not None:
+            norm = norm / tf.cast(scaler.dynamic_scale, norm.dtype)
+        if any(overwrite):
+            maxima = _global_norm([x for x, over in zip(sums, overwrite) if over])
+            norm = tf.sqrt(tf.square(norm) + tf.square(tf.cast(maxima, norm.dtype)))
+        # A window whose weights sum to 0 holds no samples: nothing is
+        # applied or counted (a large batch of no samples takes no step).
+        # One `cond` decides, not one per question: each nested level costs.
+        has_samples = self._window_weight > 0
+        last = tf.convert_to_tensor(self._last_grad_norm)
+        self._last_grad_norm.assign(tf.where(has_samples, tf.cast(norm, last.dtype), last))
         if self.on_nonfinite == "skip" or scaler is not None:
             # One read pass: the norm is finite iff every element is, unless
             # only the sum of squares overflowed (then look, exactly).
             finite = tf.cond(
-                tf.math.is_finite(norm), lambda: tf.constant(True), lambda: _all_finite(merged)
+                tf.math.is_finite(norm), lambda: tf.constant(True), lambda: _all_finite(merge())
             )
             tf.cond(
-                finite,
-                lambda: self._apply_merged(merged, present, norm),
-                lambda: _no_output(self._skip_window()),
+                tf.logical_and(has_samples, finite),
+                lambda: self._apply_merged(merge(), present, norm),
+                lambda: tf.cond(has_samples, self._skip_window, lambda: None),
             )
         else:
-            self._apply_merged(merged, present, norm)
+            tf.cond(has_samples, lambda: self._apply_merged(merge(), present, norm), lambda: None)
 
     def _skip_window(self):
         self._skipped_updates.assign_add(1)
@@ -924,6 +941,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         if scaler is not None:  # as LossScaleOptimizer does on a non-finite step
             scaler.step_counter.assign(0)
             scaler.dynamic_scale.assign(scaler.dynamic_scale * 0.5)
+        return None
 
     def _clip(self, merged, norm):
         cfg = self._config
@@ -1527,6 +1545,8 @@ def _all_finite(tensors):
 def _global_norm(tensors):
     # `2 * l2_loss` reads each tensor once; `reduce_sum(square)` writes the
     # squares out and reads them back.
+    if not tensors:
+        return tf.constant(0.0)
     squares = [2.0 * tf.nn.l2_loss(t) for t in tensors]
     dtype = _widest_dtype([s.dtype for s in squares])  # float64 accumulators beside float32
     return tf.sqrt(tf.add_n([tf.cast(s, dtype) for s in squares]))
