@@ -160,6 +160,25 @@ def _saved_state(width):
         }
 
 
+def _peak_temporaries(call):
+    """Peak bytes allocated beyond those held, in one window's micro-steps.
+
+    Read from TensorFlow's BFC allocator (the runner's default on the CPU;
+    the system's malloc keeps no such count): the largest over the
+    micro-steps that do not update, and the update's. The call must start a
+    window.
+    """
+    if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() not in ("1", "true"):
+        return {}
+    peaks = []
+    for _ in range(K):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        held = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        call()
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - held)
+    return {"peak_non_update": max(peaks[:-1]), "peak_update": peaks[-1]}
+
+
 # --------------------------------------------------------------- optimizer alone
 def _interleaved_windows(steps, repeats, warmup=1):
     """Times `steps` (name -> (call, kind)) window by window, interleaved.
@@ -234,11 +253,13 @@ def _optimizer_alone(width, repeats):
     rows += [dict(context="tf.function", row=name, **s) for name, s in stats.items()]
 
     # Memory: the variables' sizes (what a `.keras` file holds is measured
-    # apart, by `_saved_state`).
+    # apart, by `_saved_state`), and the temporaries of one window.
     memory += [
-        _memory("accum", accum, accum.inner_optimizer, variables),
-        _memory("builtin", builtin, plain, variables),
-    ]
+        dict(_memory("accum", accum, accum.inner_optimizer, variables),
+             **_peak_temporaries(steps["accum"][0])),
+        dict(_memory("builtin", builtin, plain, variables),
+             **_peak_temporaries(steps["builtin"][0])),
+    ]  # fmt: skip
     del steps, accum, builtin, plain
     gc.collect()
     ema = _accum(use_ema=True)

@@ -167,13 +167,21 @@ def memory_table(results):
                 f"{m['extra']:,}", f"{m['extra'] / m['trainable']:.4f}x",
                 "—" if saved is None else f"{saved:,}",
                 "—" if saved is None else f"{saved / m['trainable']:.4f}x",
+                _peak(m, "peak_non_update"), _peak(m, "peak_update"),
                 expected,
             ])  # fmt: skip
     header = [
         "side", "optimizer", "params", "trainable MiB", "extra bytes held",
-        "held ÷ trainable", "extra bytes in a .keras file", "file ÷ trainable", "expected",
+        "held ÷ trainable", "extra bytes in a .keras file", "file ÷ trainable",
+        "peak temporaries, non-update ÷ trainable", "peak temporaries, update ÷ trainable",
+        "expected",
     ]  # fmt: skip
     return _table(header, rows)
+
+
+def _peak(memory_row, key):
+    value = memory_row.get(key)
+    return "—" if value is None else f"{value / memory_row['trainable']:.2f}x"
 
 
 def targets(results):
@@ -292,7 +300,8 @@ def markdown(results):
             if loaded
             else ""
         ),
-        f"- glibc malloc: {_malloc(m.get('malloc'))}.",
+        f"- TensorFlow's CPU allocator: {m.get('tf_cpu_allocator', 'system malloc')}; "
+        f"glibc malloc: {_malloc(m.get('malloc'))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
         f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}.",
         f"- Commit: `{m['commit']}`; {m['date']}; {results['mode']} run, "

@@ -23,6 +23,12 @@ from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("keras", "torch")
+# TensorFlow's own best-fit-with-coalescing allocator on the CPU (the one it
+# uses on GPUs): it keeps freed memory for the next tensor. With the system's
+# malloc, each fresh full-size temporary may be a new mapping whose pages
+# fault on first touch, which of them does changes from call to call, and
+# that noise swamps the differences measured (benchmarks/README.md).
+TF_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
 
 
 def _version(name):
@@ -95,6 +101,8 @@ def _start(section, sizes, args, path):
         command.append("--saved-state")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if section == "keras":
+        env[TF_BFC] = "true" if args.allocator == "bfc" else "false"
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True
@@ -151,6 +159,11 @@ def main(argv=None):
         "--threads", type=int, default=None,
         help="intra-op threads for TensorFlow and torch (default: theirs, all cores)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allocator", choices=("bfc", "system"), default="bfc",
+        help="TensorFlow's CPU allocator for the Keras section: its BFC allocator "
+        "(default) or the system's malloc",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS
     sizes = args.sizes.split(",") if args.sizes else list(widths)
@@ -161,6 +174,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     info = machine()
+    info["tf_cpu_allocator"] = "BFC" if args.allocator == "bfc" else "system malloc"
     info["load_start"] = list(os.getloadavg())
     results = {
         "mode": "quick" if args.quick else "full",
