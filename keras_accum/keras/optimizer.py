@@ -881,14 +881,15 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._window_steps.assign(tf.zeros_like(self._window_steps))
 
     def _close_window(self, present):
-        """Merge, check, clip, one inner step, EMA (the window holds samples).
+        """Merge, check, clip, one inner step, EMA; nothing if the window weighs 0.
 
-        The decision (finite or not) needs the global norm first. It is taken
-        from the summed accumulators and scaled, so that no full-size merged
-        gradient is made before it: the merged gradients are made in the
-        branch that uses them, one by one as the inner step consumes them,
-        which keeps the update's peak memory (and, on CPU, the page faults of
-        fresh allocations) at the built-in accumulation's.
+        The decision (samples in the window, finite or not) needs the global
+        norm first. It is taken from the summed accumulators, then scaled,
+        so that no full-size merged gradient exists before it: the merged
+        gradients are made in the branch that applies them. That keeps the
+        update's peak temporaries at about half the trainable bytes (the
+        built-in's: up to all of them) and, on the CPU with the system's
+        malloc, its fresh, page-faulting allocations few.
         """
         sums = _distribute.sum_over_replicas(self._accumulators)
         scaler = self._loss_scaler()
