@@ -14,6 +14,13 @@ MERGE_GRAD = 4
 BATCH = 8
 LAYERS = 4
 
+# TensorFlow's own best-fit-with-coalescing allocator on the CPU (the one it
+# uses on GPUs): it keeps freed memory for the next tensor. With the system's
+# malloc, each fresh full-size temporary may be a new mapping whose pages
+# fault on first touch, which of them does changes from call to call, and
+# that noise swamps the differences measured (benchmarks/README.md).
+TF_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
+
 # Hidden width -> parameters of an MLP of `LAYERS` Dense(width, width) layers
 # (kernels and biases): 4 * (w * w + w). The number of variables (8) is the
 # same at every size, so the growth with size is the per-element cost.

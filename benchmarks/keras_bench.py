@@ -168,7 +168,7 @@ def _peak_temporaries(call):
     micro-steps that do not update, and the update's. The call must start a
     window.
     """
-    if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() not in ("1", "true"):
+    if os.environ.get(C.TF_BFC, "").lower() not in ("1", "true"):
         return {}
     peaks = []
     for _ in range(K):

@@ -23,12 +23,6 @@ from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("keras", "torch")
-# TensorFlow's own best-fit-with-coalescing allocator on the CPU (the one it
-# uses on GPUs): it keeps freed memory for the next tensor. With the system's
-# malloc, each fresh full-size temporary may be a new mapping whose pages
-# fault on first touch, which of them does changes from call to call, and
-# that noise swamps the differences measured (benchmarks/README.md).
-TF_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
 
 
 def _version(name):
@@ -102,7 +96,7 @@ def _start(section, sizes, args, path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if section == "keras":
-        env[TF_BFC] = "true" if args.allocator == "bfc" else "false"
+        env[C.TF_BFC] = "true" if args.allocator == "bfc" else "false"
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True
