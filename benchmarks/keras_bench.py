@@ -75,17 +75,27 @@ def _bytes(variables):
 
 
 class _Floor:
-    """A bare `buffer.assign_add(gradient)` per variable, compiled like our accumulate step."""
+    """A bare `buffer.assign_add(gradient)` per variable, compiled like our accumulate step.
 
-    def __init__(self, variables, jit_compile):
+    `concrete`: called through its concrete function, as AccumOptimizer's
+    eager micro-steps are (no `tf.function` lookup of the trace per call);
+    else through the `tf.function`, like the other rows of a `tf.function` loop.
+    """
+
+    def __init__(self, variables, jit_compile, concrete=False):
         self.buffers = [tf.Variable(tf.zeros(v.shape, v.dtype)) for v in variables]
         self._fn = tf.function(self._add, jit_compile=jit_compile)
+        self._concrete = concrete
 
     def _add(self, grads):
         for b, g in zip(self.buffers, grads):
             b.assign_add(g)
 
     def __call__(self, grads):
+        if self._concrete and not isinstance(self._fn, tf.types.experimental.ConcreteFunction):
+            self._fn(grads)  # traces
+            self._fn = self._fn.get_concrete_function(grads)
+            return
         self._fn(grads)
 
 
@@ -215,8 +225,8 @@ def _optimizer_alone(width, repeats):
         fn = tf.function(lambda g: opt.apply(g, variables))
         return lambda: fn(grads)
 
-    def floor_step(jit_compile):
-        floor = _Floor(variables, jit_compile)
+    def floor_step(jit_compile, concrete=False):
+        floor = _Floor(variables, jit_compile, concrete)
         return lambda: floor(grads)
 
     # Both eager settings in one interleaved group: the built-in and plain
@@ -227,8 +237,8 @@ def _optimizer_alone(width, repeats):
         "accum_graph": (eager_step(accum_graph), "accum"),
         "builtin": (eager_step(_adam(gradient_accumulation_steps=K)), "accum"),
         "plain": (eager_step(_adam()), "update"),
-        "floor_jit": (floor_step(True), "non_update"),
-        "floor_graph": (floor_step(False), "non_update"),
+        "floor_jit": (floor_step(True, concrete=True), "non_update"),
+        "floor_graph": (floor_step(False, concrete=True), "non_update"),
     }
     stats = _interleaved_windows(steps, repeats)
     assert int(accum_jit.window_steps.numpy()) == int(accum_graph.window_steps.numpy()) == 0

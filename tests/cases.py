@@ -86,6 +86,16 @@ CASES = [
         n_micro=12,
         none_at=((4, 2), (5, 2), (6, 2), (7, 2), (9, 0)),
     ),
+    # Gradients absent at a window's first micro-step (which writes into the
+    # accumulators rather than adding) and present later in it: the
+    # accumulators must hold only this window's sum, never the last one's.
+    AccumCase(
+        "merge4_none_in_opening_step",
+        merge_grad=4,
+        n_micro=12,
+        none_at=((4, 1), (8, 0), (8, 2)),
+        weights=_W8 + (1.0, 2.0, 0.5, 3.0),
+    ),
     AccumCase("merge4_flush_open_window", merge_grad=4, n_micro=7, flush_at_end=True),
     AccumCase(
         "merge4_weighted_flush",

@@ -497,6 +497,30 @@ class _PyFuncAccum(AccumOptimizer):
         acc.assign_add(tf.reshape(added, tf.shape(acc)))
 
 
+class _HalvesAccum(AccumOptimizer):
+    """A subclass that adds each gradient in two halves through the base `update_step`."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        half = gradient * 0.5
+        super().update_step(half, variable, learning_rate)
+        super().update_step(half, variable, learning_rate)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["jit", "nojit"])
+def test_overridden_update_step_adds_at_every_micro_step(jit_compile):
+    """The window's first micro-step writes instead of adding only with our own
+    `update_step`: an override may add twice into one accumulator."""
+    case = next(c for c in CASES if c.id == "merge4_weighted")
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    opt = _HalvesAccum(keras.optimizers.SGD(0.1), jit_compile=jit_compile, **case.kwargs)
+    got = run_stream(opt, make_variables(params), stream)
+    _assert_close(got, oracle.params)
+    assert int(opt.iterations.numpy()) == oracle.iterations
+
+
 def test_inner_op_xla_cannot_compile_runs_unjitted_without_warning():
     """The inner optimizer never runs under our XLA function: it runs eagerly."""
     import warnings
@@ -525,7 +549,7 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
     step_body = opt._micro_step
 
     def counting(*args, **kwargs):
-        bodies.append(kwargs.get("closes"))
+        bodies.append((kwargs.get("closes"), kwargs.get("starts", False)))
         return step_body(*args, **kwargs)
 
     opt._micro_step = counting
@@ -533,9 +557,11 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
         got = run_stream(opt, make_variables(params), stream)
     assert sum("XLA could not compile" in str(w.message) for w in record) == 1
     # The accumulate function traced twice (the XLA try, then the plain
-    # tf.function), the update function once: neither runs per micro-step.
-    assert bodies.count(False) == 2
-    assert bodies.count(True) == 1 < oracle.iterations
+    # tf.function), the update function once: none runs per micro-step.
+    # `update_step` is overridden, so no micro-step writes instead of adding.
+    assert bodies.count((False, False)) == 2
+    assert bodies.count((False, True)) == 0
+    assert bodies.count((True, False)) == 1 < oracle.iterations
     assert not opt._accumulate_jitted
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations

@@ -133,13 +133,19 @@ def test_jitted_step_matches_eager_step_and_oracle(case):
     jit_opt, jit_vars = _run_case(case, jit_compile=True)
     eager_opt, eager_vars = _run_case(case, jit_compile=False)
     assert not eager_opt._accumulate_jitted
-    # One XLA function for the micro-steps that do not update, traced once
-    # per structure of the gradient list (which gradients are None); the
-    # closing micro-steps run eagerly.
+    # One XLA function for the micro-steps that neither open nor close a
+    # window, traced once per structure of the gradient list (which
+    # gradients are None); the window's first micro-step and the closing one
+    # run plain tf.functions, also traced once per structure.
     structures = {tuple(g is None for g in grads) for grads, _ in cases.make_stream(case)}
-    if case.kwargs.get("merge_grad", 1) == 1:
-        assert jit_opt._accumulate_fn is None  # every micro-step updates
+    merge_grad = case.kwargs.get("merge_grad", 1)
+    if merge_grad == 1:  # every micro-step updates
+        assert jit_opt._accumulate_fn is None and jit_opt._start_fn is None
     else:
+        assert 1 <= jit_opt._start_fn.experimental_get_tracing_count() <= len(structures)
+    if merge_grad == 2:  # every micro-step opens or closes a window
+        assert jit_opt._accumulate_fn is None
+    elif merge_grad > 2:
         assert jit_opt._accumulate_jitted
         assert 1 <= jit_opt._accumulate_fn.experimental_get_tracing_count() <= len(structures)
     jitted, eager = _state(jit_opt, jit_vars), _state(eager_opt, eager_vars)
@@ -175,21 +181,28 @@ def test_one_xla_trace_serves_every_non_update_micro_step(weighted):
         )
     assert int(opt.iterations.numpy()) == 3 and int(opt.micro_steps.numpy()) == 12
     assert opt._accumulate_fn.experimental_get_tracing_count() == 1
-    # The function is XLA-compiled (must-compile), not a plain graph.
+    assert opt._start_fn.experimental_get_tracing_count() == 1
     (concrete,) = opt._accumulate_fn._list_all_concrete_functions()
+    (start,) = opt._start_fn._list_all_concrete_functions()
+    # The function of the micro-steps inside a window is XLA-compiled
+    # (must-compile), not a plain graph; the window's first one is a plain
+    # graph (it writes the gradients into the accumulators).
     assert concrete.function_def.attr["_XlaMustCompile"].b
-    # It writes the accumulators and counters only: no model weight, no inner slot.
-    written = {
-        op.inputs[0].name
-        for op in concrete.graph.get_operations()
-        if op.type.startswith("AssignVariable") or op.type.startswith("AssignAddVariable")
-    }
-    captured = {t.name: v for t, v in zip(concrete.graph.internal_captures, concrete.captured_inputs)}
-    touched = {id(captured[name]) for name in written if name in captured}
+    assert not start.function_def.attr["_XlaMustCompile"].b
+    # Both write the accumulators and counters only: no model weight, no inner slot.
     forbidden = {id(v.value.handle) for v in variables} | {
         id(s.value.handle) for s in opt.inner_optimizer.variables
     }
-    assert touched and not touched & forbidden
+    accumulators = {id(a.value.handle) for a in opt._accumulators}
+    for fn in (concrete, start):
+        written = {
+            op.inputs[0].name
+            for op in fn.graph.get_operations()
+            if op.type.startswith("AssignVariable") or op.type.startswith("AssignAddVariable")
+        }
+        captured = {t.name: v for t, v in zip(fn.graph.internal_captures, fn.captured_inputs)}
+        touched = {id(captured[name]) for name in written if name in captured}
+        assert touched & accumulators and not touched & forbidden
 
 
 def test_user_tf_function_decides_compilation_and_traces_once():

@@ -62,6 +62,24 @@ class _StateGuard(tf.train.experimental.PythonState):
             self._on_restore()
 
 
+class _HostSide:
+    """What the host keeps between eager micro-steps.
+
+    A plain object: Keras tracks every attribute set on an optimizer (a list
+    set there becomes a tracked wrapper, about 20 µs a time), and these are
+    set on every micro-step.
+    """
+
+    __slots__ = ("window_steps", "pending_checks", "alignment", "shapes", "concrete")
+
+    def __init__(self):
+        self.window_steps = None  # `window_steps` as the host last knew it; None: read it
+        self.pending_checks = []  # traced weight checks the traced micro-step waits for
+        self.alignment = None  # the variables of the last call, and their indices
+        self.shapes = []  # the built variables' shapes, as tuples
+        self.concrete = {}  # (function, argument dtypes) -> its traced concrete function
+
+
 def _in_xla_context() -> bool:
     # Assert and CheckNumerics are dropped, silently, by XLA: `on_nonfinite=
     # "raise"` needs to know whether it would be.
@@ -141,10 +159,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             `"raise"`: raise at the micro-step that produced it;
             `"ignore"`: pass non-finite values on.
         jit_compile: bool, compile with XLA the function that an eagerly
-            called micro-step which does not update runs (custom loops); the
-            closing micro-step runs a plain `tf.function` (eagerly with
-            `merge_grad=1`). Inside `model.fit` or a user's `tf.function`,
-            the caller's compilation decides. Defaults to True.
+            called micro-step which neither opens nor closes a window runs
+            (custom loops); the window's first micro-step and the closing
+            one run plain `tf.function`s (eagerly with `merge_grad=1`).
+            Inside `model.fit` or a user's `tf.function`, the caller's
+            compilation decides. Defaults to True.
         loss_scale_factor: float > 0 or None, a fixed loss scale: `model.fit`
             multiplies the loss by it (`scale_loss`) and each micro-step
             divides its gradients by it before accumulating. Defaults to None.
@@ -217,14 +236,15 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             dict(config.state_signature(type(inner).__name__), format_version=_FORMAT_VERSION)
         )
         self._state_guard = _StateGuard(self._signature, on_restore=self._forget_window_position)
-        # Eager micro-steps: the host's copy of `window_steps` (None: read the
-        # variable) and the two step functions, traced on first use.
-        self._host_window_steps = None
+        # Eager micro-steps: what the host keeps between them, and the three
+        # step functions, traced on first use.
+        self._host = _HostSide()
         self._accumulate_fn = None
+        self._start_fn = None
+        self._window_starts = False  # while tracing a window's first micro-step
         self._accumulate_jitted = False
         self._update_fn = None
         self._loss_scaler_ref = None
-        self._pending_checks = []
         self._pending_loss_scale = None
 
     # ------------------------------------------------------------------ config
@@ -468,7 +488,8 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         for i, variable in enumerate(var_list):
             self._trainable_variables_indices[self._var_key(variable)] = i
         self._trainable_variables = var_list[:]
-        self._host_window_steps = 0
+        self._host.window_steps = 0
+        self._host.shapes = [tuple(v.shape) for v in var_list]
         self.built = True
 
     def _bind_strategy(self):
@@ -543,13 +564,12 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             if not self.built:
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
-            self._check_variables_are_known(trainable_variables)
             aligned = [None] * len(self._trainable_variables)
-            for g, v in zip(grads, trainable_variables):
-                aligned[self._get_variable_index(v)] = g
+            for g, i in zip(grads, self._indices_of(trainable_variables)):
+                aligned[i] = g
         aligned = [_as_dense_or_slices(g) for g in aligned]
-        _check_gradient_shapes(aligned, self._trainable_variables)
-        self._pending_checks = []
+        _check_gradient_shapes(aligned, self._trainable_variables, self._host.shapes)
+        self._host.pending_checks = []
         weight = self._checked_weight(weight)
         if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
             raise RuntimeError(
@@ -580,9 +600,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 )
             # The caller traces: one graph serves every micro-step, and the
             # window decision is a `cond` on the step counter.
-            self._host_window_steps = None
-            with tf.control_dependencies(self._pending_checks):  # nothing moves before them
-                self._micro_step(aligned, weight, assert_finite=True)
+            self._host.window_steps = None
+            with tf.control_dependencies(self._host.pending_checks):  # nothing moves before them
+                self._micro_step(aligned, weight, assert_finite=True, starts=None)
             return
         if _distribute.in_strategy_replica_context():
             finite = self._micro_step(aligned, weight)  # eager `strategy.run`
@@ -595,6 +615,24 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 f"{int(self._window_steps.numpy()) + 1} of {self.merge_grad}); "
                 "nothing was accumulated."
             )
+
+    def _indices_of(self, variables):
+        """Each variable's index among the built ones; refused if one is unknown.
+
+        A training loop passes the same variables every time: the last
+        call's indices serve again when the list holds the same objects.
+        """
+        last = self._host.alignment
+        if (
+            last is not None
+            and len(last[0]) == len(variables)
+            and all(a is b for a, b in zip(last[0], variables))
+        ):
+            return last[1]
+        self._check_variables_are_known(variables)
+        indices = [self._get_variable_index(v) for v in variables]
+        self._host.alignment = (tuple(variables), indices)
+        return indices
 
     def _checked_weight(self, weight):
         """`weight` as a scalar tensor of the accumulator dtype, or None; checked.
@@ -628,7 +666,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 ),
                 tf.debugging.assert_all_finite(weight, "`weight` must be finite"),
             ]
-            self._pending_checks = checks  # the traced micro-step runs after them
+            self._host.pending_checks = checks  # the traced micro-step runs after them
         return weight
 
     def _eager_micro_step(self, aligned, weight):
@@ -637,14 +675,16 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         So a non-update micro-step runs one compiled function that only
         accumulates (XLA when `jit_compile`, traced once per gradient
         structure), with no conditional that would make XLA write back every
-        variable the update could touch; the closing one runs one plain
-        `tf.function` (traced once per structure: the inner optimizer's
+        variable the update could touch; the window's first one writes
+        instead of adding (`_accumulate_step`); the closing one runs one
+        plain `tf.function` (traced once per structure: the inner optimizer's
         kernels, as in `fit`). With `merge_grad=1` every micro-step updates
         and runs eagerly, as the inner optimizer runs alone in an eager loop,
         so the two are bit-identical.
         """
-        position = self._host_window_steps
-        if position is None:  # after a load, a restore or a traced call
+        position = self._host.window_steps
+        known = position is not None
+        if not known:  # after a load, a restore or a traced call
             position = int(self._window_steps.numpy())
         closes = position + 1 >= self.merge_grad
         if closes and self.merge_grad == 1:
@@ -653,14 +693,23 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             finite = self._micro_step(aligned, weight, closes=True)
         elif closes:
             if self._update_fn is None:
-                self._update_fn = tf.function(functools.partial(self._micro_step, closes=True))
-            finite = self._update_fn(aligned, weight)
+                self._update_fn = self._step_function(closes=True)
+            finite = self._call(self._update_fn, aligned, weight)
         else:
-            finite = self._accumulate_step(aligned, weight)
+            # The window's first micro-step writes its gradients instead of
+            # adding them, when the host saw the accumulators reset (build,
+            # or the update it ran) and `update_step` is ours (an override
+            # may add twice into one accumulator).
+            starts = (
+                known
+                and position == 0
+                and type(self).update_step is AccumOptimizer.update_step
+            )
+            finite = self._accumulate_step(aligned, weight, starts=starts)
         if self._raise_checked() and not bool(finite):
-            self._host_window_steps = position
+            self._host.window_steps = position if known else None
         else:
-            self._host_window_steps = 0 if closes else position + 1
+            self._host.window_steps = 0 if closes else position + 1
         return finite
 
     def _checked_gradients(self, grads):
@@ -728,16 +777,29 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
 
     def _forget_window_position(self):
         """The state was set from outside a step (a load, a restore): read it again."""
-        self._host_window_steps = None
+        self._host.window_steps = None
 
-    def _accumulate_step(self, aligned, weight):
+    def _accumulate_step(self, aligned, weight, starts):
+        """A micro-step that does not update, in one compiled function.
+
+        Those inside a window add into the accumulators in one XLA function
+        (when `jit_compile`) with no conditional. The window's first one
+        (`starts`: the host saw the accumulators reset) writes `w * g` into
+        them instead, in a plain `tf.function`: the reset left them sharing
+        one buffer of zeros, which an add would first copy, and which an XLA
+        call copies even to only write it. Written, each accumulator gets a
+        buffer of its own at the cost of one copy of the gradients at most,
+        and the later adds are in place.
+        """
+        if starts:
+            if self._start_fn is None:
+                self._start_fn = self._step_function(closes=False, starts=True)
+            return self._call(self._start_fn, aligned, weight)
         if self._accumulate_fn is None:
             self._accumulate_jitted = self.jit_compile
-            self._accumulate_fn = tf.function(
-                functools.partial(self._micro_step, closes=False), jit_compile=self.jit_compile
-            )
+            self._accumulate_fn = self._step_function(self.jit_compile, closes=False)
         try:
-            return self._accumulate_fn(aligned, weight)
+            return self._call(self._accumulate_fn, aligned, weight)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
             # XLA refuses some ops (custom kernels in an overridden
             # `update_step`); it refuses before running anything, so no state
@@ -754,8 +816,37 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 stacklevel=4,
             )
             self._accumulate_jitted = False
-            self._accumulate_fn = tf.function(functools.partial(self._micro_step, closes=False))
+            self._accumulate_fn = self._step_function(closes=False)
             return self._accumulate_fn(aligned, weight)
+
+    def _step_function(self, jit_compile=False, **kwargs):
+        """`_micro_step(grads, weight, **kwargs)` as a `tf.function` of (grads, weight)."""
+
+        def step(grads, weight):
+            return self._micro_step(grads, weight, **kwargs)
+
+        return tf.function(step, jit_compile=jit_compile)
+
+    def _call(self, fn, aligned, weight):
+        """`fn(aligned, weight)`, through its concrete function once traced.
+
+        `tf.function` finds its trace from the arguments' types on every call
+        (about 0.2 ms for a few variables). Eager dense gradients have their
+        variables' shapes, so their dtypes (and the weight's) pick the trace.
+        """
+        if not all(g is None or isinstance(g, tf.Tensor) for g in aligned):
+            return fn(aligned, weight)  # slices: their number of rows varies
+        key = (
+            fn,
+            tuple(None if g is None else g.dtype for g in aligned),
+            None if weight is None else weight.dtype,
+        )
+        concrete = self._host.concrete.get(key)
+        if concrete is not None:
+            return concrete(aligned, weight)
+        finite = fn(aligned, weight)  # the first call traces (and may make variables)
+        self._host.concrete[key] = fn.get_concrete_function(aligned, weight)
+        return finite
 
     def _raise_checked(self) -> bool:
         """Whether each micro-step is checked for non-finite values ("raise").
@@ -782,18 +873,26 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             # window's maximum, not a sum.
             first = self._window_steps == 0
             acc.assign(tf.where(first, gradient, tf.maximum(acc, gradient)))
+        elif self._window_starts:
+            # The accumulator holds zeros: the gradient is its value. A
+            # snapshot takes the gradient's buffer if nothing else holds it,
+            # else copies it: either way the accumulator's own, so that the
+            # next add is in place.
+            _distribute.local_component(acc).assign(tf.raw_ops.Snapshot(input=gradient))
         else:
             # The tf.Variable's own in-place add: `keras.Variable.assign_add`
             # is `assign(self + value)`, a new full-size tensor every time.
             _distribute.local_component(acc).assign_add(gradient)
 
-    def _micro_step(self, grads, weight, assert_finite=False, closes=None):
+    def _micro_step(self, grads, weight, assert_finite=False, closes=None, starts=False):
         """One micro-step, traceable: accumulate here, decide once for all replicas.
 
         `grads` is aligned with the built variables (None where absent).
         `closes`: None to decide at run time (a `cond` on the window counter,
         for graphs that serve every micro-step), True or False when the
-        caller knows. Returns whether this micro-step's gradients were finite
+        caller knows. `starts`: True when the caller knows the accumulators
+        hold zeros (the window's first micro-step), None to decide at run
+        time. Returns whether this micro-step's gradients were finite
         ("raise" policy), else True.
         """
         present = tuple(g is not None for g in grads)
@@ -809,10 +908,12 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                     ],
                 )
             tf.cond(
-                finite, lambda: _no_output(self._accumulate(grads, weight)), lambda: None
+                finite,
+                lambda: _no_output(self._accumulate(grads, weight, starts)),
+                lambda: None,
             )
         else:
-            self._accumulate(grads, weight)
+            self._accumulate(grads, weight, starts)
 
         def decide(weight, finite):
             if self._raise_checked():
@@ -827,8 +928,33 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         _distribute.call_in_cross_replica_context(decide, weight, finite)
         return finite
 
-    def _accumulate(self, grads, weight):
-        """This replica's share of a micro-step: `acc += w * g`, no communication."""
+    def _accumulate(self, grads, weight, starts=False):
+        """This replica's share of a micro-step: `acc += w * g`, no communication.
+
+        `starts`: the accumulators hold zeros, so `update_step` may write
+        `w * g` instead of adding it (an absent gradient leaves its zeros);
+        None: a graph that serves every micro-step decides at run time.
+        """
+        if starts is None:
+            if _in_xla_context() or type(self).update_step is not AccumOptimizer.update_step:
+                # XLA never shares the reset's zeros; an override may add twice.
+                starts = False
+            else:
+                # The reset left the accumulators sharing one buffer of zeros,
+                # which an add would first copy: write, at a window's start.
+                tf.cond(
+                    tf.equal(self._window_steps, 0),
+                    lambda: _no_output(self._accumulate(grads, weight, True)),
+                    lambda: _no_output(self._accumulate(grads, weight, False)),
+                )
+                return
+        self._window_starts = starts
+        try:
+            self._add_each(grads, weight)
+        finally:
+            self._window_starts = False
+
+    def _add_each(self, grads, weight):
         for g, v in zip(grads, self._trainable_variables):
             if g is None:
                 continue
@@ -1065,7 +1191,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """
         if not self.built:
             return False
-        self._host_window_steps = None
+        self._host.window_steps = None
         if not tf.executing_eagerly():
             n = len(self._trainable_variables)
 
@@ -1473,12 +1599,18 @@ def _stored_value(variable, dtype):
     return tf.cast(tf.bitcast(tf.bitcast(value, bits), value.dtype), dtype)
 
 
-def _check_gradient_shapes(grads, variables):
-    """A gradient must have its variable's shape (known at trace time, or eagerly)."""
-    for g, v in zip(grads, variables):
+def _check_gradient_shapes(grads, variables, shapes):
+    """A gradient must have its variable's shape (known at trace time, or eagerly).
+
+    `shapes`: the variables' shapes as tuples, for the quick test of an
+    eager micro-step (a traced shape may be only compatible).
+    """
+    for g, v, shape in zip(grads, variables, shapes):
         if g is None or isinstance(g, tf.IndexedSlices):
             continue
-        if not tf.TensorShape(g.shape).is_compatible_with(v.shape):
+        if g.shape.rank == len(shape) and tuple(g.shape) == shape:
+            continue
+        if not tf.TensorShape(g.shape).is_compatible_with(shape):
             raise ValueError(
                 f"Each gradient must have its variable's shape: variable '{v.path}' has "
                 f"shape {tuple(v.shape)}. Received: gradient of shape {tuple(g.shape)}"

@@ -1002,30 +1002,39 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------- EMA
     def _update_ema(self, params: list) -> None:
-        """`ema = m * ema + (1 - m) * p` after an update (`iterations` already stepped)."""
+        """`ema = m * ema + (1 - m) * p` after an update (`iterations` already stepped).
+
+        Runs under `torch.no_grad()` (inside `step` and `flush`), so the
+        parameters are used as they are, not detached one by one.
+        """
         cfg = self._config
         m = _core.ema_decay(self._iterations - 1, cfg.ema_momentum, cfg.ema_warmup)
         groups: dict = {}
+        state = self.state
         for p in params:
-            state = self.state[p]
-            ema = state.get("ema")
+            ema = state[p].get("ema")
             if ema is None:
                 # The first update (or a parameter added since): a copy.
-                state["ema"] = p.detach().to(
+                state[p]["ema"] = p.detach().to(
                     dtype=torch.promote_types(p.dtype, torch.float32), copy=True
                 )
                 continue
-            groups.setdefault((p.device, p.dtype, ema.dtype), []).append((ema, p))
-        for (_, p_dtype, ema_dtype), pairs in groups.items():
+            key = (p.device, p.dtype, ema.dtype)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = group = ([], [])
+            group[0].append(ema)
+            group[1].append(p)
+        for (_, p_dtype, ema_dtype), (emas, ps) in groups.items():
             if p_dtype == ema_dtype:
                 # lerp_(p, 1 - m) = ema + (1 - m) * (p - ema), one fused pass.
-                torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1.0 - m)
+                torch._foreach_lerp_(emas, ps, 1.0 - m)
             else:
                 # bf16/fp16 parameters: lerp needs one dtype, so upcast one
                 # parameter at a time (a list would hold a float32 copy of
                 # all of them at once).
-                for ema, p in pairs:
-                    ema.lerp_(p.detach().to(ema_dtype), 1.0 - m)
+                for ema, p in zip(emas, ps):
+                    ema.lerp_(p.to(ema_dtype), 1.0 - m)
         f = cfg.ema_overwrite_frequency
         if f is not None and self._iterations % f == 0:
             for p in params:
