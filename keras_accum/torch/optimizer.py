@@ -488,6 +488,19 @@ class AccumOptimizer(torch.optim.Optimizer):
             or _holds_sparse(p, self.state)
         )
 
+    def _grad_refs_only(self) -> bool:
+        """Whether no parameter can be side-buffered (`_buffered` is False for all).
+
+        Only a sparse gradient of this micro-step can change that; the caller
+        looks at those.
+        """
+        return (
+            not self._weighted
+            and self._config.on_nonfinite != "raise"
+            and self._acc_dtype is None
+            and not self._sparse_seen
+        )
+
     def _uses_side_buffers(self) -> bool:
         return any(self._buffered(p) for p in self._params())
 
@@ -502,7 +515,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in params]
         if self._weighted or self._config.on_nonfinite == "raise":
             self._grad_refs = None  # every parameter is side-buffered
-        elif self._acc_dtype is None and not self._sparse_seen:
+        elif self._grad_refs_only():
             self._grad_refs = grads
         else:
             self._grad_refs = [None if self._buffered(p) else g for p, g in zip(params, grads)]
@@ -638,7 +651,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         # Validation done: state changes from here on.
         if switch_to_buffers:
             self._weighted = True
-        self._accumulate(params, w)
+        self._accumulate(params, w, grads)
         if self._window_steps == 0:
             self._window_scale = None if scale is None else scale.detach().clone()
         self._micro_steps += 1
@@ -709,12 +722,18 @@ class AccumOptimizer(torch.optim.Optimizer):
                 f"of {self.merge_grad}); nothing was accumulated."
             )
 
-    def _accumulate(self, params: list, w: float) -> None:
+    def _accumulate(self, params: list, w: float, grads: list) -> None:
         """Moves this micro-step's `w * .grad` into the side buffers (if any).
 
         A parameter's buffer exists from its first gradient in a window to
         the window's end, so "has a buffer" is "was seen in this window".
+        `grads`: this micro-step's `.grad` tensors that are not None.
         """
+        if (
+            self._grad_refs_only()
+            and not any(g.is_sparse for g in grads)
+        ):
+            return  # Every window lives in `.grad`: autograd did the work.
         moved, groups = [], {}
         for p in params:
             g = p.grad
