@@ -30,7 +30,7 @@ QUICK_WIDTHS = {"2k": 22, "20k": 70}
 # Timed windows per size (medians over these); the first windows (trace,
 # compile, slot creation) are never timed. Fewer at 50M: the whole full run
 # must fit in about ten minutes on two cores.
-FULL_REPEATS = {"1M": 9, "10M": 5, "50M": 3}
+FULL_REPEATS = {"1M": 15, "10M": 9, "50M": 5}
 QUICK_REPEATS = 2
 
 
