@@ -1608,9 +1608,10 @@ def _check_gradient_shapes(grads, variables, shapes):
     for g, v, shape in zip(grads, variables, shapes):
         if g is None or isinstance(g, tf.IndexedSlices):
             continue
-        if g.shape.rank == len(shape) and tuple(g.shape) == shape:
+        g_shape = g.shape if isinstance(g.shape, tf.TensorShape) else tf.TensorShape(g.shape)
+        if g_shape.rank == len(shape) and tuple(g_shape) == shape:
             continue
-        if not tf.TensorShape(g.shape).is_compatible_with(shape):
+        if not g_shape.is_compatible_with(shape):
             raise ValueError(
                 f"Each gradient must have its variable's shape: variable '{v.path}' has "
                 f"shape {tuple(v.shape)}. Received: gradient of shape {tuple(g.shape)}"
