@@ -565,3 +565,29 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
     assert not opt._accumulate_jitted
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations
+
+
+def test_numpy_gradients_match_oracle_and_a_bad_shape_changes_nothing():
+    """NumPy arrays are gradients too (eager loop); one of the wrong shape is
+    refused, naming the variable and the shape, before anything moves."""
+    case = next(c for c in CASES if c.id == "merge4_weighted")
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    variables = make_variables(params)
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), **case.kwargs)
+    for grads, weight in stream[:-1]:
+        opt.apply([np.asarray(g, "float32") for g in grads], variables, weight=weight)
+    before = [np.array(v.numpy()) for v in variables + list(opt.variables)]
+    bad = [np.asarray(g, "float32") for g in stream[-1][0]]
+    bad[0] = np.zeros(bad[0].shape[::-1] + (1,), "float32")
+    with pytest.raises(ValueError, match=r"variable's shape.*Received: gradient of shape"):
+        opt.apply(bad, variables, weight=stream[-1][1])
+    after = [np.array(v.numpy()) for v in variables + list(opt.variables)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    grads, weight = stream[-1]
+    opt.apply([np.asarray(g, "float32") for g in grads], variables, weight=weight)
+    _assert_close([np.array(v.numpy()) for v in variables], oracle.params)
+    assert int(opt.iterations.numpy()) == oracle.iterations
