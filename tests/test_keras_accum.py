@@ -591,3 +591,29 @@ def test_numpy_gradients_match_oracle_and_a_bad_shape_changes_nothing():
     opt.apply([np.asarray(g, "float32") for g in grads], variables, weight=weight)
     _assert_close([np.array(v.numpy()) for v in variables], oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations
+
+
+def test_run_functions_eagerly_runs_every_micro_step_in_python():
+    """`tf.config.run_functions_eagerly(True)` (debugging) reaches every micro-step:
+    the concrete functions that eager micro-steps call are bypassed then."""
+    case = next(c for c in CASES if c.id == "merge4_weighted")
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), **case.kwargs)
+    bodies = []
+    step_body = opt._micro_step
+
+    def counting(*args, **kwargs):
+        bodies.append(kwargs.get("closes"))
+        return step_body(*args, **kwargs)
+
+    opt._micro_step = counting
+    tf.config.run_functions_eagerly(True)
+    try:
+        got = run_stream(opt, make_variables(params), stream)
+    finally:
+        tf.config.run_functions_eagerly(False)
+    assert len(bodies) == len(stream)  # once per micro-step, no trace skipped any
+    _assert_close(got, oracle.params)

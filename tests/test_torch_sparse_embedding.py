@@ -298,3 +298,47 @@ def test_sparse_window_under_grad_scaler_equals_the_unscaled_run():
     assert scaled_opt.iterations == plain_opt.iterations == 2
     # Powers-of-two scales: unscaling the sparse values is exact.
     assert torch.equal(scaled.embedding.weight, plain.embedding.weight)
+
+
+def test_a_resumed_sparse_window_meets_the_next_micro_step_as_the_uninterrupted_one():
+    """After `load_state_dict` of a window held beside `.grad` (sparse), the
+    next micro-step must go through the same accumulation path as in the
+    optimizer that was never saved: here a dense gradient for the embedding
+    (its weight also used densely), which neither may drop silently."""
+
+    def make():
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(5, 3, sparse=True)
+        lin = torch.nn.Linear(3, 1)
+        params = list(emb.parameters()) + list(lin.parameters())
+        return emb, lin, AccumOptimizer(torch.optim.SGD(params, lr=1.0), merge_grad=3)
+
+    def outcome(emb, lin, opt):
+        lin(emb.weight).sum().backward()  # dense gradient for the embedding weight
+        try:
+            opt.step()
+            lin(emb(torch.tensor([0, 1]))).sum().backward()
+            opt.step()
+        except RuntimeError as e:
+            return type(e).__name__
+        return [p.detach().clone() for p in (emb.weight, lin.weight, lin.bias)]
+
+    emb, lin, opt = make()
+    lin(emb(torch.tensor([0, 1]))).sum().backward()
+    opt.step()
+    saved = (
+        opt.state_dict(),
+        {k: v.clone() for k, v in emb.state_dict().items()},
+        {k: v.clone() for k, v in lin.state_dict().items()},
+    )
+    expected = outcome(emb, lin, opt)
+    emb2, lin2, opt2 = make()
+    emb2.load_state_dict(saved[1])
+    lin2.load_state_dict(saved[2])
+    opt2.load_state_dict(saved[0])
+    got = outcome(emb2, lin2, opt2)
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

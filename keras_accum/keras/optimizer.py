@@ -488,7 +488,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         for i, variable in enumerate(var_list):
             self._trainable_variables_indices[self._var_key(variable)] = i
         self._trainable_variables = var_list[:]
-        self._host.window_steps = 0
+        # Unknown, not 0: a checkpoint restored before the build fills the
+        # variables made here (a mid-window state), after its restore hook.
+        self._host.window_steps = None
         self._host.shapes = [tuple(v.shape) for v in var_list]
         self.built = True
 
@@ -697,9 +699,10 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             finite = self._call(self._update_fn, aligned, weight)
         else:
             # The window's first micro-step writes its gradients instead of
-            # adding them, when the host saw the accumulators reset (build,
-            # or the update it ran) and `update_step` is ours (an override
-            # may add twice into one accumulator).
+            # adding them, when the host saw the accumulators reset (the
+            # update it ran; after a build, a load or a restore it adds) and
+            # `update_step` is ours (an override may add twice into one
+            # accumulator).
             starts = (
                 known
                 and position == 0
@@ -784,7 +787,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
 
         Those inside a window add into the accumulators in one XLA function
         (when `jit_compile`) with no conditional. The window's first one
-        (`starts`: the host saw the accumulators reset) writes `w * g` into
+        (`starts`: the host ran the update that reset them) writes `w * g` into
         them instead, in a plain `tf.function`: the reset left them sharing
         one buffer of zeros, which an add would first copy, and which an XLA
         call copies even to only write it. Written, each accumulator gets a
@@ -834,8 +837,12 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         (about 0.2 ms for a few variables). Eager dense gradients have their
         variables' shapes, so their dtypes (and the weight's) pick the trace.
         """
-        if not all(g is None or isinstance(g, tf.Tensor) for g in aligned):
-            return fn(aligned, weight)  # slices: their number of rows varies
+        if tf.config.functions_run_eagerly() or not all(
+            g is None or isinstance(g, tf.Tensor) for g in aligned
+        ):
+            # Debugging with `run_functions_eagerly`: through the tf.function,
+            # which honours it. Slices: their number of rows varies.
+            return fn(aligned, weight)
         key = (
             fn,
             tuple(None if g is None else g.dtype for g in aligned),

@@ -1267,6 +1267,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             if "ema" in saved:
                 state["ema"] = saved["ema"].to(device=p.device, copy=True)
             acc = saved.get("accumulator")
+            if acc is not None and acc.is_sparse:
+                self._sparse_seen = True  # a window lives beside `.grad`
             if self._buffered(p):
                 if acc is not None:
                     state["accumulator"] = acc.to(device=p.device, copy=True)
