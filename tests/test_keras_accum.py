@@ -488,6 +488,29 @@ class _PyFuncSGD(keras.optimizers.SGD):
         variable.assign_sub(tf.reshape(step, tf.shape(variable)))
 
 
+def _sgd_oracle(case_id):
+    """The case named `case_id`, its parameters and stream, and RefAccum(RefSGD(0.1)) run on it."""
+    case = next(c for c in CASES if c.id == case_id)
+    params, stream = make_params(), make_stream(case)
+    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    return case, params, stream, oracle
+
+
+def _count_micro_steps(opt, record):
+    """A list that gets `record(kwargs)` each time `opt._micro_step`'s Python body runs."""
+    bodies = []
+    step_body = opt._micro_step
+
+    def counting(*args, **kwargs):
+        bodies.append(record(kwargs))
+        return step_body(*args, **kwargs)
+
+    opt._micro_step = counting
+    return bodies
+
+
 class _PyFuncAccum(AccumOptimizer):
     """A subclass whose micro-step adds through a NumPy function (XLA cannot compile it)."""
 
@@ -510,11 +533,7 @@ class _HalvesAccum(AccumOptimizer):
 def test_overridden_update_step_adds_at_every_micro_step(jit_compile):
     """The window's first micro-step writes instead of adding only with our own
     `update_step`: an override may add twice into one accumulator."""
-    case = next(c for c in CASES if c.id == "merge4_weighted")
-    params, stream = make_params(), make_stream(case)
-    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
-    for grads, weight in stream:
-        oracle.step(grads, weight)
+    case, params, stream, oracle = _sgd_oracle("merge4_weighted")
     opt = _HalvesAccum(keras.optimizers.SGD(0.1), jit_compile=jit_compile, **case.kwargs)
     got = run_stream(opt, make_variables(params), stream)
     _assert_close(got, oracle.params)
@@ -525,11 +544,7 @@ def test_inner_op_xla_cannot_compile_runs_unjitted_without_warning():
     """The inner optimizer never runs under our XLA function: it runs eagerly."""
     import warnings
 
-    case = next(c for c in CASES if c.id == "merge4")
-    params, stream = make_params(), make_stream(case)
-    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
-    for grads, weight in stream:
-        oracle.step(grads, weight)
+    case, params, stream, oracle = _sgd_oracle("merge4")
     opt = AccumOptimizer(_PyFuncSGD(0.1), **case.kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -539,20 +554,9 @@ def test_inner_op_xla_cannot_compile_runs_unjitted_without_warning():
 
 
 def test_xla_fallback_warns_once_and_gives_the_same_numbers():
-    case = next(c for c in CASES if c.id == "merge4")
-    params, stream = make_params(), make_stream(case)
-    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
-    for grads, weight in stream:
-        oracle.step(grads, weight)
+    case, params, stream, oracle = _sgd_oracle("merge4")
     opt = _PyFuncAccum(keras.optimizers.SGD(0.1), **case.kwargs)
-    bodies = []
-    step_body = opt._micro_step
-
-    def counting(*args, **kwargs):
-        bodies.append((kwargs.get("closes"), kwargs.get("starts", False)))
-        return step_body(*args, **kwargs)
-
-    opt._micro_step = counting
+    bodies = _count_micro_steps(opt, lambda kwargs: (kwargs.get("closes"), kwargs.get("starts", False)))
     with pytest.warns(UserWarning, match="XLA could not compile the step") as record:
         got = run_stream(opt, make_variables(params), stream)
     assert sum("XLA could not compile" in str(w.message) for w in record) == 1
@@ -570,11 +574,7 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
 def test_numpy_gradients_match_oracle_and_a_bad_shape_changes_nothing():
     """NumPy arrays are gradients too (eager loop); one of the wrong shape is
     refused, naming the variable and the shape, before anything moves."""
-    case = next(c for c in CASES if c.id == "merge4_weighted")
-    params, stream = make_params(), make_stream(case)
-    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
-    for grads, weight in stream:
-        oracle.step(grads, weight)
+    case, params, stream, oracle = _sgd_oracle("merge4_weighted")
     variables = make_variables(params)
     opt = AccumOptimizer(keras.optimizers.SGD(0.1), **case.kwargs)
     for grads, weight in stream[:-1]:
@@ -596,20 +596,9 @@ def test_numpy_gradients_match_oracle_and_a_bad_shape_changes_nothing():
 def test_run_functions_eagerly_runs_every_micro_step_in_python():
     """`tf.config.run_functions_eagerly(True)` (debugging) reaches every micro-step:
     the concrete functions that eager micro-steps call are bypassed then."""
-    case = next(c for c in CASES if c.id == "merge4_weighted")
-    params, stream = make_params(), make_stream(case)
-    oracle = RefAccum(params, RefSGD(0.1), **case.kwargs)
-    for grads, weight in stream:
-        oracle.step(grads, weight)
+    case, params, stream, oracle = _sgd_oracle("merge4_weighted")
     opt = AccumOptimizer(keras.optimizers.SGD(0.1), **case.kwargs)
-    bodies = []
-    step_body = opt._micro_step
-
-    def counting(*args, **kwargs):
-        bodies.append(kwargs.get("closes"))
-        return step_body(*args, **kwargs)
-
-    opt._micro_step = counting
+    bodies = _count_micro_steps(opt, lambda kwargs: kwargs.get("closes"))
     tf.config.run_functions_eagerly(True)
     try:
         got = run_stream(opt, make_variables(params), stream)
