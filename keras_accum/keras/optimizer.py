@@ -700,14 +700,8 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         else:
             # The window's first micro-step writes its gradients instead of
             # adding them, when the host saw the accumulators reset (the
-            # update it ran; after a build, a load or a restore it adds) and
-            # `update_step` is ours (an override may add twice into one
-            # accumulator).
-            starts = (
-                known
-                and position == 0
-                and type(self).update_step is AccumOptimizer.update_step
-            )
+            # update it ran; after a build, a load or a restore it adds).
+            starts = known and position == 0 and self._own_update_step()
             finite = self._accumulate_step(aligned, weight, starts=starts)
         if self._raise_checked() and not bool(finite):
             self._host.window_steps = position if known else None
@@ -855,6 +849,12 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._host.concrete[key] = fn.get_concrete_function(aligned, weight)
         return finite
 
+    def _own_update_step(self) -> bool:
+        """Whether `update_step` is this class's: only then may a window's first
+        micro-step write instead of adding (an override may add twice into one
+        accumulator, through `super().update_step`)."""
+        return type(self).update_step is AccumOptimizer.update_step
+
     def _raise_checked(self) -> bool:
         """Whether each micro-step is checked for non-finite values ("raise").
 
@@ -943,8 +943,8 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         None: a graph that serves every micro-step decides at run time.
         """
         if starts is None:
-            if _in_xla_context() or type(self).update_step is not AccumOptimizer.update_step:
-                # XLA never shares the reset's zeros; an override may add twice.
+            if _in_xla_context() or not self._own_update_step():
+                # XLA never shares the reset's zeros.
                 starts = False
             else:
                 # The reset left the accumulators sharing one buffer of zeros,
