@@ -132,6 +132,30 @@ CASES = [
         n_micro=6,
         config=(("clipvalue", 0.5), ("global_clipnorm", 0.8)),
     ),
+    # Window weights that are no power of two (6.5, 8.5; then 3 and a flushed
+    # 2), and below 1 (0.75, 0.375): the divide and the norm clipping's
+    # multiply in every order an implementation may fuse them.
+    AccumCase(
+        "global_clipnorm_weighted",
+        merge_grad=4,
+        n_micro=8,
+        weights=_W8,
+        config=(("global_clipnorm", 2.0),),
+    ),
+    AccumCase(
+        "clipnorm_merge3_flush",
+        merge_grad=3,
+        n_micro=5,
+        flush_at_end=True,
+        config=(("clipnorm", 1.0),),
+    ),
+    AccumCase(
+        "global_clipnorm_light_weights",
+        merge_grad=2,
+        n_micro=4,
+        weights=(0.25, 0.5, 0.125, 0.25),
+        config=(("global_clipnorm", 2.0),),
+    ),
 ]
 
 

@@ -264,6 +264,25 @@ def test_nonfinite_check_is_exact_when_the_norm_overflows():
     torch.testing.assert_close(params[0].detach(), torch.full((4,), -1e-10))
 
 
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+def test_clip_when_only_the_window_sums_norm_overflows(clip):
+    # Norm clipping takes the divide into its multiply, with the norms taken
+    # on the sum: here the sum's squares overflow float32 (2e19 ** 2) while
+    # the mean's do not (5e18 ** 2 * 4 = 1e38). The mean is still clipped as
+    # the contract says, not zeroed by an infinite norm.
+    stream = [([np.full(4, 5e18, np.float32)], 1.0)] * 4
+    oracle = ref.RefAccum([np.zeros(4, np.float32)], ref.RefSGD(0.1), merge_grad=4, **{clip: 1.0})
+    for grads, weight in stream:
+        oracle.step(grads, weight)
+    params = _torch_params([np.zeros(4, np.float32)])
+    opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), merge_grad=4, **{clip: 1.0})
+    _run(opt, params, stream, weighted=False)
+    assert opt.iterations == 1 and opt.skipped_updates == 0
+    _assert_params(params, oracle.params)
+    np.testing.assert_allclose(float(opt.last_grad_norm), float(oracle.last_grad_norm), rtol=2e-6)
+    assert np.all(oracle.params[0] != 0)  # the oracle did move: a real check
+
+
 # -- large batch, merge_grad=1 --------------------------------------------------------
 
 
@@ -452,6 +471,26 @@ def test_swap_ema_weights_is_bit_exact_and_leaves_buffers():
         assert torch.equal(p, e.to(p.dtype))
 
 
+def test_ema_of_mixed_precision_parameters_follows_each_parameter():
+    # One bf16 and one float32 parameter: the EMA (float32 for both) takes
+    # the bf16 one through an upcast and the float32 one in the foreach call.
+    a = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = AccumOptimizer(torch.optim.SGD([a, b], lr=1.0), use_ema=True, ema_momentum=0.5)
+    expected, trajectory = None, []
+    for k in range(4):
+        a.grad = torch.full((3,), 0.25 * (k + 1), dtype=torch.bfloat16)
+        b.grad = torch.full((2,), -0.5 * (k + 1))
+        opt.step()
+        opt.zero_grad()
+        now = [a.detach().float().numpy().copy(), b.detach().numpy().copy()]
+        trajectory.append(now)
+        expected = now if expected is None else [0.5 * e + 0.5 * p for e, p in zip(expected, now)]
+    assert [opt.state[p]["ema"].dtype for p in (a, b)] == [torch.float32] * 2
+    _assert_params([opt.state[p]["ema"] for p in (a, b)], expected)
+    assert not np.allclose(expected[0], trajectory[-1][0])  # the EMA lags: a real check
+
+
 def test_ema_api_needs_use_ema():
     opt = AccumOptimizer(torch.optim.SGD(_torch_params([np.ones(1, np.float32)]), lr=0.1))
     with pytest.raises(ValueError, match=re.escape("`swap_in_ema` needs `use_ema=True`")):
@@ -490,6 +529,54 @@ def test_hooks_fire():
     seen.clear()
     opt.load_state_dict(opt.state_dict())
     assert seen == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_hooks_fire_once_for_a_subclass_that_overrides_step():
+    # torch wraps the subclass's `step` in its hook runner; our `step`, reached
+    # through `super()`, must not run the hooks a second time.
+    class Counting(AccumOptimizer):
+        def step(self, *args, **kwargs):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(*args, **kwargs)
+
+    params = _torch_params([np.zeros(2, np.float32)])
+    opt = Counting(torch.optim.SGD(params, lr=0.1), merge_grad=2)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", a[1:], k)))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(("post", a[1:], k)))
+    for _ in range(2):
+        _backward(params, [np.ones(2, np.float32)])
+        opt.step(weight=2.0)
+    assert opt.calls == 2 and opt.iterations == 1
+    assert seen == [("pre", (), {"weight": 2.0}), ("post", (), {"weight": 2.0})] * 2
+
+
+def test_hooks_see_the_call_as_made_and_profiler_labels_the_step():
+    params = _torch_params([np.zeros(2, np.float32)])
+    opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), merge_grad=2)
+    seen = []
+    handle = opt.register_step_pre_hook(lambda o, a, k: seen.append((a[1:], k)))
+    _backward(params, [np.ones(2, np.float32)])
+    opt.step()
+    closure_calls = []
+
+    def closure():
+        closure_calls.append(1)
+        _backward(params, [np.ones(2, np.float32)])
+
+    opt.step(closure)
+    assert seen == [((), {}), ((closure,), {})] and closure_calls == [1]
+    assert opt.iterations == 1
+    handle.remove()
+    # No hook now: the label still marks each micro-step while a profiler runs.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            _backward(params, [np.ones(2, np.float32)])
+            opt.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#AccumOptimizer.step") == 2
+    assert names.count("Optimizer.step#SGD.step") == 1
+    assert opt.iterations == 2
 
 
 def test_add_param_group_reaches_inner_and_is_updated():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.amp.grad_scaler import OptState
+from torch.optim import optimizer as _optimizer_module
 
 from keras_accum import _core
 from keras_accum.torch import _hooks
@@ -75,6 +77,27 @@ def _norms(tensors: list) -> list:
         for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, **kwargs)):
             out[i] = n
     return out
+
+
+def _divide_(tensors: list, divisor: float | torch.Tensor) -> None:
+    """`t /= divisor` in place, one foreach pass per (device, dtype).
+
+    A power-of-two divisor multiplies by its reciprocal instead: the same
+    real number, so the same rounded result bit for bit, and torch's CPU
+    multiply is the faster kernel. (Within 2**+-60 only, so that the
+    reciprocal is exact in every float dtype's compute type.)
+    """
+    if (
+        isinstance(divisor, float)
+        and math.frexp(divisor)[0] == 0.5
+        and 2.0**-60 <= divisor <= 2.0**60
+    ):
+        for _, idx in _by_device_and_dtype(tensors).items():
+            torch._foreach_mul_([tensors[i] for i in idx], 1.0 / divisor)
+        return
+    for (dev, _), idx in _by_device_and_dtype(tensors).items():
+        d = divisor.to(dev) if isinstance(divisor, torch.Tensor) else divisor
+        torch._foreach_div_([tensors[i] for i in idx], d)
 
 
 def _stack(scalars: list, device: torch.device) -> torch.Tensor:
@@ -576,7 +599,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_scale = new.detach().clone()
 
     # ------------------------------------------------------------- micro-step
-    @torch.compiler.disable
+    # Wrapped below the class by `_observed_step` (a graph break under
+    # torch.compile; torch's step hooks and profiler label when they are on).
     @torch.no_grad()
     def step(
         self,
@@ -659,10 +683,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_weight += w
         self._window_unsynced, self._unreduced = self._unreduced, False
         if self._window_steps >= self._config.merge_grad:
-            found_inf = self._close_window(params, grad_scaler)
+            skipped, device = self._close_window(params, grad_scaler)
             if grad_scaler is not None:
+                found_inf = torch.full((), float(skipped), dtype=torch.float32, device=device)
                 grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"] = {
-                    found_inf.device: found_inf
+                    device: found_inf
                 }
         else:
             self._keep_grad_refs(params, all_grads)
@@ -729,10 +754,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         the window's end, so "has a buffer" is "was seen in this window".
         `grads`: this micro-step's `.grad` tensors that are not None.
         """
-        if (
-            self._grad_refs_only()
-            and not any(g.is_sparse for g in grads)
-        ):
+        if self._grad_refs_only() and not any(g.is_sparse for g in grads):
             return  # Every window lives in `.grad`: autograd did the work.
         moved, groups = [], {}
         for p in params:
@@ -769,6 +791,11 @@ class AccumOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ update
     def _merged(self, params: list) -> tuple[list, list]:
         """The window's accumulators and their parameters (seen ones only)."""
+        if self._grad_refs_only():
+            # No side buffer can exist: the window is the `.grad`s (a sparse
+            # one sets `_sparse_seen` in `_accumulate`, before any close).
+            owners = [p for p in params if p.grad is not None]
+            return [p.grad for p in owners], owners
         tensors, owners = [], []
         for p in params:
             if self._buffered(p):
@@ -781,13 +808,20 @@ class AccumOptimizer(torch.optim.Optimizer):
                 owners.append(p)
         return tensors, owners
 
-    def _close_window(self, params: list, grad_scaler: Any = None) -> torch.Tensor:
-        """Merge, check, clip, one inner step, EMA, reset. Returns found_inf (0./1.)."""
+    def _close_window(self, params: list, grad_scaler: Any = None) -> tuple[bool, torch.device]:
+        """Merge, check, clip, one inner step, EMA, reset.
+
+        Returns whether the window was skipped as non-finite, and the device
+        of that decision (GradScaler's `found_inf`).
+        """
         cfg = self._config
         merged, owners = self._merged(params)
+        side_buffers = any(t is not p.grad for t, p in zip(merged, owners))
         # The merge, check and clip below work on plain tensors: a sparse
         # accumulator (coalesced) takes part through its values, in place.
-        merged = [_values_of(t) for t in merged]
+        accumulators = merged
+        if side_buffers:
+            merged = [_values_of(t) for t in merged]
         device = (
             self._window_scale.device
             if self._window_scale is not None
@@ -798,18 +832,31 @@ class AccumOptimizer(torch.optim.Optimizer):
             # nothing (0/0 would hand on NaN) and count no update, as a large
             # batch of no samples takes no step; not a skip either.
             self._reset_window(params, discard_grads=True)
-            return torch.zeros((), dtype=torch.float32, device=device)
+            return False, device
         divisor = self._window_weight if cfg.reduction == "mean" else 1.0
         if self._window_scale is not None:
             # Scales are powers of two, so dividing by scale * W in one pass is
             # the same as unscaling, then dividing by W.
             divisor = self._window_scale * divisor
-        if merged and not (isinstance(divisor, float) and divisor == 1.0):
-            for (dev, _), idx in _by_device_and_dtype(merged).items():
-                d = divisor.to(dev) if isinstance(divisor, torch.Tensor) else divisor
-                torch._foreach_div_([merged[i] for i in idx], d)
+        # Norm clipping multiplies every tensor anyway: it takes the divide
+        # into its multiply (one pass fewer), the norms being taken on the sum
+        # and divided as scalars. Only for a float divisor >= 1 (sum / W can
+        # then not overflow where the sum did not) and no clipvalue (which
+        # needs the divided values).
+        fold = (
+            cfg.clipvalue is None
+            and (cfg.clipnorm is not None or cfg.global_clipnorm is not None)
+            and isinstance(divisor, float)
+            and divisor >= 1.0
+        )
+        if not fold:
+            if merged and not (isinstance(divisor, float) and divisor == 1.0):
+                _divide_(merged, divisor)
+            divisor = 1.0
 
         norms = _norms(merged)
+        if norms and divisor != 1.0:
+            norms = torch._foreach_div(norms, divisor)
         total = _global_norm(norms, device)
         self._last_grad_norm = total
         check = cfg.on_nonfinite == "skip" or self._window_scale is not None
@@ -817,21 +864,32 @@ class AccumOptimizer(torch.optim.Optimizer):
         if skip:
             self._skipped_updates += 1
         else:
-            self._clip(merged, norms, total, device)
-            for t, p in zip(self._merged(params)[0], owners):
-                if self._buffered(p):
-                    # The buffer itself when the dtypes agree (it is dropped
-                    # below, so nothing aliases it), else a cast copy.
-                    p.grad = t.to(dtype=p.dtype)
+            if divisor != 1.0 and not math.isfinite(total.item()):
+                # Folded, and only the sum of squares overflowed (rare): the
+                # unfolded order, whose norms are taken on the divided values.
+                _divide_(merged, divisor)
+                divisor = 1.0
+                norms = _norms(merged)
+                total = self._last_grad_norm = _global_norm(norms, device)
+            self._clip(merged, norms, total, device, divisor)
+            if side_buffers:
+                for t, p in zip(accumulators, owners):
+                    if t is not p.grad:
+                        # The buffer itself when the dtypes agree (it is
+                        # dropped below, so nothing aliases it), else a cast
+                        # copy.
+                        p.grad = t.to(dtype=p.dtype)
             self.inner_optimizer.step()
             self._iterations += 1
             if cfg.use_ema:
                 self._update_ema(params)
         self._reset_window(params, discard_grads=skip)
-        return torch.full((), float(skip), dtype=torch.float32, device=device)
+        return skip, device
 
     def _is_nonfinite(self, merged, norms, total, grad_scaler) -> bool:
         """Whether the merged window holds an inf/nan (one host sync)."""
+        if grad_scaler is None and math.isfinite(total.item()):
+            return False  # the common case: one op and one host read
         bad = ~torch.isfinite(total)
         scale_moved = None
         if grad_scaler is not None and self._window_scale is not None:
@@ -862,7 +920,13 @@ class AccumOptimizer(torch.optim.Optimizer):
             return False  # Only the sum of squares overflowed.
         return not bool(torch.isfinite(_extremes(suspects, total.device)).all())
 
-    def _clip(self, merged: list, norms: list, total: torch.Tensor, device) -> None:
+    def _clip(self, merged: list, norms: list, total, device, divisor: float = 1.0) -> None:
+        """Clips the merged gradients in place.
+
+        `divisor`: the window's divisor when it is still to be applied (the
+        caller folded it here); `norms` and `total` are those of the divided
+        gradients either way.
+        """
         cfg = self._config
         if not merged or not cfg.clips:
             return
@@ -878,10 +942,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         if cfg.clipnorm is not None:
             c = cfg.clipnorm
             for t, n in zip(merged, norms):
-                t.mul_((c / torch.clamp(n, min=c)).to(t.dtype))
+                t.mul_((c / torch.clamp(n, min=c) / divisor).to(t.dtype))
         elif cfg.global_clipnorm is not None:
             c = cfg.global_clipnorm
-            factor = c / torch.clamp(total, min=c)
+            factor = c / torch.clamp(total, min=c) / divisor
             for (dev, dtype), idx in _by_device_and_dtype(merged).items():
                 torch._foreach_mul_([merged[i] for i in idx], factor.to(dev, dtype))
 
@@ -1028,8 +1092,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         """
         cfg = self._config
         m = _core.ema_decay(self._iterations - 1, cfg.ema_momentum, cfg.ema_warmup)
-        groups: dict = {}
         state = self.state
+        emas, ps = [], []
         for p in params:
             ema = state[p].get("ema")
             if ema is None:
@@ -1037,23 +1101,24 @@ class AccumOptimizer(torch.optim.Optimizer):
                 state[p]["ema"] = p.detach().to(
                     dtype=torch.promote_types(p.dtype, torch.float32), copy=True
                 )
-                continue
-            key = (p.device, p.dtype, ema.dtype)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = group = ([], [])
-            group[0].append(ema)
-            group[1].append(p)
-        for (_, p_dtype, ema_dtype), (emas, ps) in groups.items():
-            if p_dtype == ema_dtype:
-                # lerp_(p, 1 - m) = ema + (1 - m) * (p - ema), one fused pass.
-                torch._foreach_lerp_(emas, ps, 1.0 - m)
             else:
-                # bf16/fp16 parameters: lerp needs one dtype, so upcast one
-                # parameter at a time (a list would hold a float32 copy of
-                # all of them at once).
-                for ema, p in zip(emas, ps):
-                    ema.lerp_(p.to(ema_dtype), 1.0 - m)
+                emas.append(ema)
+                ps.append(p)
+        if all(e.dtype is p.dtype for e, p in zip(emas, ps)):
+            # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
+            # (p - ema), one fused pass (foreach groups devices and dtypes).
+            if emas:
+                torch._foreach_lerp_(emas, ps, 1.0 - m)
+        else:
+            same = [(e, p) for e, p in zip(emas, ps) if e.dtype is p.dtype]
+            if same:
+                torch._foreach_lerp_([e for e, _ in same], [p for _, p in same], 1.0 - m)
+            for e, p in zip(emas, ps):
+                if e.dtype is not p.dtype:
+                    # bf16/fp16 parameters: lerp needs one dtype, so upcast
+                    # one parameter at a time (a list would hold a float32
+                    # copy of all of them at once).
+                    e.lerp_(p.to(e.dtype), 1.0 - m)
         f = cfg.ema_overwrite_frequency
         if f is not None and self._iterations % f == 0:
             for p in params:
@@ -1360,3 +1425,32 @@ class AccumOptimizer(torch.optim.Optimizer):
                         f"{tuple(params[i].shape)}, its saved {key!r} {tuple(t.shape)} "
                         "(nothing was loaded)."
                     )
+
+
+# torch wraps every optimizer's `step` in its hook runner (step pre/post hooks,
+# a profiler label): about 16 us per call with none registered, the most of a
+# micro-step that does not update, and several times that right after a
+# backward has emptied the caches. AccumOptimizer calls that same runner only
+# when something observes the step: a hook (its own or global) or a running
+# profiler. A subclass that overrides `step` is wrapped by torch as usual, and
+# its `super().step()` then runs the body alone (hooks run once).
+_unobserved_step = AccumOptimizer.step
+_hooked_step = torch.optim.Optimizer.profile_hook_step(_unobserved_step)
+
+
+@functools.wraps(_unobserved_step)
+@torch.compiler.disable
+def _observed_step(self, *args, **kwargs):
+    if type(self).step is _observed_step and (
+        self._optimizer_step_pre_hooks
+        or self._optimizer_step_post_hooks
+        or _optimizer_module._global_optimizer_pre_hooks
+        or _optimizer_module._global_optimizer_post_hooks
+        or torch._C._autograd._profiler_enabled()
+    ):
+        return _hooked_step(self, *args, **kwargs)
+    return _unobserved_step(self, *args, **kwargs)
+
+
+_observed_step.hooked = True  # torch's `_patch_step_function`: already wrapped
+AccumOptimizer.step = _observed_step
