@@ -30,7 +30,7 @@ QUICK_WIDTHS = {"2k": 22, "20k": 70}
 # Timed windows per size (medians over these); the first windows (trace,
 # compile, slot creation) are never timed. Fewer at 50M: the whole full run
 # must fit in about ten minutes on two cores.
-FULL_REPEATS = {"1M": 15, "10M": 9, "50M": 5}
+FULL_REPEATS = {"1M": 31, "10M": 9, "50M": 5}
 QUICK_REPEATS = 2
 
 
@@ -42,6 +42,17 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def interleaved(names, repeats: int):
+    """The configurations in turn, one window each, `repeats` times.
+
+    Every other round runs them in reverse, so that none always follows the
+    same neighbour (whose big tensors have just emptied the caches).
+    """
+    names = list(names)
+    for r in range(repeats):
+        yield from (names if r % 2 == 0 else names[::-1])
 
 
 def window_stats(times: list[float], k: int = MERGE_GRAD) -> dict:

@@ -201,13 +201,13 @@ def _interleaved_windows(steps, repeats, warmup=1):
         for _ in range(warmup * K):
             call()
     per_repeat = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, (call, kind) in steps.items():
-            times = [C.timed(call) for _ in range(K)]
-            if kind == "accum":
-                per_repeat[name].append(C.window_stats(times))
-            else:
-                per_repeat[name].append(C.uniform_stats(times, kind))
+    for name in C.interleaved(steps, repeats):
+        call, kind = steps[name]
+        times = [C.timed(call) for _ in range(K)]
+        if kind == "accum":
+            per_repeat[name].append(C.window_stats(times))
+        else:
+            per_repeat[name].append(C.uniform_stats(times, kind))
     return {name: C.median_stats(r) for name, r in per_repeat.items()}
 
 
@@ -336,9 +336,8 @@ def _fit(width, jit_compile, repeats):
     for model in models.values():
         run(model)  # trace, compile, create slots
     per_repeat = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            per_repeat[name].append(_fit_stats(run(model), optimizers[name][1]))
+    for name in C.interleaved(models, repeats):
+        per_repeat[name].append(_fit_stats(run(models[name]), optimizers[name][1]))
     assert int(optimizers["accum"][0].window_steps.numpy()) == 0
     context = f"model.fit, jit_compile={jit_compile}"
     out = [dict(context=context, row=n, **C.median_stats(r)) for n, r in per_repeat.items()]

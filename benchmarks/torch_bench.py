@@ -132,10 +132,10 @@ def _training(width, repeats):
         for _ in range(K):
             micro_step(cfg)
     per_repeat = {name: [] for name in configs}
-    for _ in range(repeats):
-        for name, cfg in configs.items():
-            times = [C.timed(lambda cfg=cfg: micro_step(cfg)) for _ in range(K)]
-            per_repeat[name].append(C.window_stats(times))
+    for name in C.interleaved(configs, repeats):
+        cfg = configs[name]
+        times = [C.timed(lambda cfg=cfg: micro_step(cfg)) for _ in range(K)]
+        per_repeat[name].append(C.window_stats(times))
     rows = [
         dict(context="training (forward, backward, step)", row=n, **C.median_stats(r))
         for n, r in per_repeat.items()
@@ -181,9 +181,8 @@ def _optimizer_only(width, repeats):
     for cfg in configs.values():
         window(cfg)
     per_repeat = {name: [] for name in configs}
-    for _ in range(repeats):
-        for name, cfg in configs.items():
-            per_repeat[name].append(C.window_stats(window(cfg)))
+    for name in C.interleaved(configs, repeats):
+        per_repeat[name].append(C.window_stats(window(configs[name])))
     rows = [
         dict(context="optimizer alone (step, zero_grad)", row=n, **C.median_stats(r))
         for n, r in per_repeat.items()
@@ -206,9 +205,9 @@ def _optimizer_only(width, repeats):
     with torch.no_grad():
         for fn in (ours_ema, bare):
             fn()
-        for _ in range(repeats * K):
-            per_repeat["accum_ema_update"].append(C.uniform_stats([C.timed(ours_ema)], "update"))
-            per_repeat["bare_lerp"].append(C.uniform_stats([C.timed(bare)], "update"))
+        calls = {"accum_ema_update": ours_ema, "bare_lerp": bare}
+        for name in C.interleaved(calls, repeats * K):
+            per_repeat[name].append(C.uniform_stats([C.timed(calls[name])], "update"))
     rows += [
         dict(context="EMA update alone", row=n, **C.median_stats(r)) for n, r in per_repeat.items()
     ]
