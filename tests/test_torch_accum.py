@@ -20,7 +20,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras_accum.torch  # noqa: F401 (first: keras_accum then loads without TensorFlow)
 from keras_accum import _core
@@ -281,6 +285,76 @@ def test_clip_when_only_the_window_sums_norm_overflows(clip):
     _assert_params(params, oracle.params)
     np.testing.assert_allclose(float(opt.last_grad_norm), float(oracle.last_grad_norm), rtol=2e-6)
     assert np.all(oracle.params[0] != 0)  # the oracle did move: a real check
+
+
+# Integer gradients and weights whose products and sums are exact in the
+# parameter's dtype: the merged gradient is then `sum / W` rounded once, which
+# float64 computes exactly. Window weights: 3 (a third in bf16), 2**-16 (a
+# reciprocal of 2**16 overflows float16), 4000 (1/4000 rounded in float16).
+_EXACT_WINDOWS = {
+    "bf16_W3": (torch.bfloat16, [1.0, 2.0, 4.0], None),
+    "fp16_W2**-16": (torch.float16, [100.0] * 4, [2.0**-18] * 4),
+    "fp16_W4000": (torch.float16, [1.0, 2.0, 3.0, 1.0], [1000.0] * 4),
+    "bf16_W8": (torch.bfloat16, [1.0, 3.0, 5.0, 7.0, 2.0, 4.0, 6.0, 1.0], None),
+}
+
+
+@pytest.mark.parametrize("clip", [{}, {"clipnorm": 1e6}, {"global_clipnorm": 1e6}])
+@pytest.mark.parametrize("window", list(_EXACT_WINDOWS), ids=list(_EXACT_WINDOWS))
+def test_half_precision_window_is_its_sum_divided_once(window, clip):
+    # The merged gradient is `sum / W` rounded once to the parameter's dtype,
+    # with a norm clip that never acts too (it must not round 1 / W first).
+    dtype, grads, weights = _EXACT_WINDOWS[window]
+    weights = weights or [1.0] * len(grads)
+    p = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    opt = AccumOptimizer(torch.optim.SGD([p], lr=1.0), merge_grad=len(grads), **clip)
+    for g, w in zip(grads, weights):
+        _backward([p], [np.full(5, g, np.float32)])
+        opt.step(weight=w if weights != [1.0] * len(grads) else None)
+        opt.zero_grad()
+    exact = sum(g * w for g, w in zip(grads, weights)) / sum(weights)
+    assert (opt.iterations, opt.skipped_updates) == (1, 0)
+    assert torch.equal(p.detach(), torch.full((5,), -exact, dtype=torch.float64).to(dtype))
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `bool()`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "kwargs,reads",
+    [
+        ({}, 1),
+        ({"clipnorm": 1.0}, 1),
+        ({"global_clipnorm": 1.0, "merge_grad": 4}, 1),
+        ({"on_nonfinite": "ignore"}, 0),
+        ({"on_nonfinite": "ignore", "clipnorm": 1.0}, 0),
+    ],
+)
+def test_host_reads_per_micro_step(kwargs, reads):
+    # One host read per update for the skip check, none where it is off; a
+    # micro-step that does not update reads nothing.
+    kwargs = {"merge_grad": 3, **kwargs}
+    params = _torch_params([np.zeros(8, np.float32)])
+    opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), **kwargs)
+    counts = []
+    for _ in range(kwargs["merge_grad"]):
+        _backward(params, [np.arange(8, dtype=np.float32)])
+        with _HostReads() as mode:
+            opt.step()
+        counts.append(mode.count)
+        opt.zero_grad()
+    assert opt.iterations == 1
+    assert counts == [0] * (kwargs["merge_grad"] - 1) + [reads]
 
 
 # -- large batch, merge_grad=1 --------------------------------------------------------
@@ -568,6 +642,16 @@ def test_hooks_see_the_call_as_made_and_profiler_labels_the_step():
     assert seen == [((), {}), ((closure,), {})] and closure_calls == [1]
     assert opt.iterations == 1
     handle.remove()
+    # A global pre-hook alone (torch's own optimizers call it on every step).
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        seen.clear()
+        for _ in range(2):
+            _backward(params, [np.ones(2, np.float32)])
+            opt.step(weight=None)
+    finally:
+        handle.remove()
+    assert seen == ["AccumOptimizer", "AccumOptimizer", "SGD"]
     # No hook now: the label still marks each micro-step while a profiler runs.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(2):
@@ -576,7 +660,7 @@ def test_hooks_see_the_call_as_made_and_profiler_labels_the_step():
     names = [e.name for e in prof.events()]
     assert names.count("Optimizer.step#AccumOptimizer.step") == 2
     assert names.count("Optimizer.step#SGD.step") == 1
-    assert opt.iterations == 2
+    assert opt.iterations == 3
 
 
 def test_add_param_group_reaches_inner_and_is_updated():

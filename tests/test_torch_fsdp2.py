@@ -257,6 +257,55 @@ def test_fsdp2_no_sync_equals_large_batch_and_resumes_mid_window(tmp_path):
             assert torch.equal(got, want), key
 
 
+def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
+    """One sharded parameter per case; rank 0's shard alone holds the inf."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        result = {}
+        for case, value, kwargs in (
+            ("inf", float("inf"), {}),
+            ("inf_clip", float("inf"), {"global_clipnorm": 1.0}),
+            ("norm_overflows", 1e20, {}),
+        ):
+            p = torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Shard(0)]))
+            opt = AccumOptimizer(torch.optim.SGD([p], lr=1.0), merge_grad=2, **kwargs)
+            for k in range(2):
+                g = torch.ones(4) if value == float("inf") else torch.full((4,), value)
+                if k == 1 and value == float("inf"):
+                    g[0] = value  # element 0 lies in rank 0's shard
+                grad = distribute_tensor(g, mesh, [Shard(0)])
+                if p.grad is None:
+                    p.grad = grad
+                else:
+                    p.grad += grad  # in place, as autograd adds
+                opt.step()
+            result[case] = (opt.iterations, opt.skipped_updates, p.full_tensor().tolist())
+        torch.save(result, os.path.join(out_dir, f"nonfinite{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_window_of_sharded_gradients_is_skipped_on_every_rank(tmp_path):
+    # The skip check's exact path (a norm that is not finite) on DTensors:
+    # every rank takes the same decision, whether an element is inf (skip)
+    # or only the sum of squares overflowed (apply).
+    mp.spawn(_nonfinite_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"nonfinite{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert results[0] == results[1]
+    got = results[0]
+    assert got["inf"] == got["inf_clip"] == (0, 1, [0.0] * 4)
+    iterations, skipped, weights = got["norm_overflows"]
+    assert (iterations, skipped) == (1, 0)
+    np.testing.assert_array_equal(weights, np.full(4, -1e20, np.float32))  # mean 2e20 / 2, lr 1
+
+
 # -- no spawn -----------------------------------------------------------------------
 
 

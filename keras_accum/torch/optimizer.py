@@ -33,6 +33,7 @@ _DTYPE_NAMES = {
 }
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def _fsdp2_modules(model: Any) -> list:
@@ -52,6 +53,17 @@ def _set_gradient_sync(fsdp_modules: list, sync: bool) -> None:
 
 def _is_dtensor(tensor: Any) -> bool:
     return type(tensor).__name__ == "DTensor"
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor as the whole tensor (every rank gets the same), else itself."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _one_dtype_and_device(tensors: list) -> bool:
+    """Whether `tensors` (not empty) share one dtype and one device (cheaply)."""
+    dtype, device = tensors[0].dtype, tensors[0].get_device()
+    return all(t.dtype is dtype and t.get_device() == device for t in tensors)
 
 
 def _dtype_name(dtype: Any) -> Any:
@@ -82,22 +94,24 @@ def _norms(tensors: list) -> list:
 def _divide_(tensors: list, divisor: float | torch.Tensor) -> None:
     """`t /= divisor` in place, one foreach pass per (device, dtype).
 
-    A power-of-two divisor multiplies by its reciprocal instead: the same
-    real number, so the same rounded result bit for bit, and torch's CPU
-    multiply is the faster kernel. (Within 2**+-60 only, so that the
-    reciprocal is exact in every float dtype's compute type.)
+    A power-of-two divisor multiplies float32/float64 tensors by its
+    reciprocal instead: the same real number, so the same rounded result bit
+    for bit, and torch's CPU multiply is the faster kernel. Half types divide:
+    a CPU kernel casts the scalar to the tensor's dtype, where a reciprocal
+    may overflow (float16) or be rounded.
     """
-    if (
+    exact = (
         isinstance(divisor, float)
         and math.frexp(divisor)[0] == 0.5
         and 2.0**-60 <= divisor <= 2.0**60
-    ):
-        for _, idx in _by_device_and_dtype(tensors).items():
-            torch._foreach_mul_([tensors[i] for i in idx], 1.0 / divisor)
-        return
-    for (dev, _), idx in _by_device_and_dtype(tensors).items():
-        d = divisor.to(dev) if isinstance(divisor, torch.Tensor) else divisor
-        torch._foreach_div_([tensors[i] for i in idx], d)
+    )
+    for (dev, dtype), idx in _by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        if exact and dtype in _FULL_PRECISION:
+            torch._foreach_mul_(group, 1.0 / divisor)
+        else:
+            d = divisor.to(dev) if isinstance(divisor, torch.Tensor) else divisor
+            torch._foreach_div_(group, d)
 
 
 def _stack(scalars: list, device: torch.device) -> torch.Tensor:
@@ -840,14 +854,20 @@ class AccumOptimizer(torch.optim.Optimizer):
             divisor = self._window_scale * divisor
         # Norm clipping multiplies every tensor anyway: it takes the divide
         # into its multiply (one pass fewer), the norms being taken on the sum
-        # and divided as scalars. Only for a float divisor >= 1 (sum / W can
-        # then not overflow where the sum did not) and no clipvalue (which
-        # needs the divided values).
+        # and divided as numbers. Only for float32/float64 gradients (the
+        # factor c / n / W is rounded to the gradient's dtype), a float divisor
+        # >= 1 (sum / W cannot overflow where the sum did not), no clipvalue
+        # (which needs the divided values), and the skip check on without a
+        # GradScaler (its host read of the norm also decides the rare unfold).
+        check = cfg.on_nonfinite == "skip" or self._window_scale is not None
         fold = (
             cfg.clipvalue is None
             and (cfg.clipnorm is not None or cfg.global_clipnorm is not None)
             and isinstance(divisor, float)
             and divisor >= 1.0
+            and check
+            and grad_scaler is None
+            and all(t.dtype in _FULL_PRECISION for t in merged)
         )
         if not fold:
             if merged and not (isinstance(divisor, float) and divisor == 1.0):
@@ -859,12 +879,15 @@ class AccumOptimizer(torch.optim.Optimizer):
             norms = torch._foreach_div(norms, divisor)
         total = _global_norm(norms, device)
         self._last_grad_norm = total
-        check = cfg.on_nonfinite == "skip" or self._window_scale is not None
-        skip = check and self._is_nonfinite(merged, norms, total, grad_scaler)
+        # The update's one host read (without a GradScaler, which reads its own).
+        total_finite = None
+        if check and grad_scaler is None:
+            total_finite = math.isfinite(total.item())
+        skip = check and not total_finite and self._is_nonfinite(merged, norms, total, grad_scaler)
         if skip:
             self._skipped_updates += 1
         else:
-            if divisor != 1.0 and not math.isfinite(total.item()):
+            if divisor != 1.0 and not total_finite:
                 # Folded, and only the sum of squares overflowed (rare): the
                 # unfolded order, whose norms are taken on the divided values.
                 _divide_(merged, divisor)
@@ -887,9 +910,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         return skip, device
 
     def _is_nonfinite(self, merged, norms, total, grad_scaler) -> bool:
-        """Whether the merged window holds an inf/nan (one host sync)."""
-        if grad_scaler is None and math.isfinite(total.item()):
-            return False  # the common case: one op and one host read
+        """Whether the merged window holds an inf/nan (one host sync).
+
+        Called when no host read has found `total` finite already.
+        """
         bad = ~torch.isfinite(total)
         scale_moved = None
         if grad_scaler is not None and self._window_scale is not None:
@@ -914,11 +938,11 @@ class AccumOptimizer(torch.optim.Optimizer):
             return True
         # The L2 norm may overflow while every element is finite: look at the
         # tensors whose norm is not finite, exactly (rare path).
-        finite = torch.isfinite(_stack(norms, total.device)).tolist()
+        finite = _full(torch.isfinite(_stack(norms, total.device))).tolist()
         suspects = [t for t, ok in zip(merged, finite) if not ok]
         if not suspects:
             return False  # Only the sum of squares overflowed.
-        return not bool(torch.isfinite(_extremes(suspects, total.device)).all())
+        return not bool(_full(torch.isfinite(_extremes(suspects, total.device))).all())
 
     def _clip(self, merged: list, norms: list, total, device, divisor: float = 1.0) -> None:
         """Clips the merged gradients in place.
@@ -1104,22 +1128,34 @@ class AccumOptimizer(torch.optim.Optimizer):
             else:
                 emas.append(ema)
                 ps.append(p)
-        if all(e.dtype is p.dtype for e, p in zip(emas, ps)):
+        if not emas:
+            return self._overwrite_with_ema(params)
+        if _one_dtype_and_device(ps) and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
             # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
-            # (p - ema), one fused pass (foreach groups devices and dtypes).
-            if emas:
-                torch._foreach_lerp_(emas, ps, 1.0 - m)
+            # (p - ema), one fused pass.
+            torch._foreach_lerp_(emas, ps, 1.0 - m)
         else:
-            same = [(e, p) for e, p in zip(emas, ps) if e.dtype is p.dtype]
-            if same:
-                torch._foreach_lerp_([e for e, _ in same], [p for _, p in same], 1.0 - m)
+            # One foreach call per (device, dtype): a mixed list would take
+            # the per-tensor path of the CUDA kernels.
+            groups: dict = {}
             for e, p in zip(emas, ps):
-                if e.dtype is not p.dtype:
+                group = groups.setdefault((p.device, p.dtype, e.dtype), ([], []))
+                group[0].append(e)
+                group[1].append(p)
+            for (_, p_dtype, ema_dtype), (es, ps_) in groups.items():
+                if p_dtype == ema_dtype:
+                    torch._foreach_lerp_(es, ps_, 1.0 - m)
+                else:
                     # bf16/fp16 parameters: lerp needs one dtype, so upcast
                     # one parameter at a time (a list would hold a float32
                     # copy of all of them at once).
-                    e.lerp_(p.to(e.dtype), 1.0 - m)
-        f = cfg.ema_overwrite_frequency
+                    for e, p in zip(es, ps_):
+                        e.lerp_(p.to(ema_dtype), 1.0 - m)
+        self._overwrite_with_ema(params)
+
+    def _overwrite_with_ema(self, params: list) -> None:
+        """`ema_overwrite_frequency`: every f-th update the weights take the EMA."""
+        f = self._config.ema_overwrite_frequency
         if f is not None and self._iterations % f == 0:
             for p in params:
                 p.copy_(self.state[p]["ema"])
