@@ -357,6 +357,24 @@ def test_host_reads_per_micro_step(kwargs, reads):
     assert counts == [0] * (kwargs["merge_grad"] - 1) + [reads]
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"on_nonfinite": "raise"}, {"global_clipnorm": 0.1}])
+def test_step_records_no_autograd_graph(kwargs):
+    # Gradients that carry a graph (`backward(create_graph=True)`) into every
+    # path of step(): nothing the optimizer keeps or writes may join it.
+    p = torch.nn.Parameter(torch.arange(4.0))
+    opt = AccumOptimizer(torch.optim.SGD([p], lr=0.1), merge_grad=2, use_ema=True, **kwargs)
+    for _ in range(4):
+        (p * p).sum().backward(create_graph=True)
+        assert p.grad.requires_grad
+        opt.step(weight=1.0)  # side buffers: `.grad` may be replaced
+        kept = [t for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        assert not any(t.requires_grad for t in kept)
+        opt.zero_grad()
+    assert opt.iterations == 2
+    assert p.grad_fn is None and not opt.last_grad_norm.requires_grad
+    assert not opt.state[p]["ema"].requires_grad
+
+
 # -- large batch, merge_grad=1 --------------------------------------------------------
 
 

@@ -557,8 +557,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         else:
             self._grad_refs = [None if self._buffered(p) else g for p, g in zip(params, grads)]
 
-    def _check_grads_kept(self, params: list, grads: list) -> None:
+    def _check_grads_kept(self, params: list, grads: list) -> bool:
         """Raises if a `.grad` holding the open window was replaced since the last step().
+
+        Returns whether every `.grad` is the very tensor the last step() kept
+        (then none of them can have turned sparse).
 
         `model.zero_grad()` (set_to_none, torch's default) inside a window
         drops the micro-steps summed so far; the next backward then makes a
@@ -568,8 +571,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         all-reduce after `no_sync` micro-steps.
         """
         refs = self._grad_refs
-        if refs is None or len(refs) != len(params) or all(map(operator.is_, grads, refs)):
-            return  # the common case: one C-level pass of identity checks
+        if refs is None or len(refs) != len(params):
+            return False
+        if all(map(operator.is_, grads, refs)):
+            return True  # the common case: one C-level pass of identity checks
         for i, (p, g, kept) in enumerate(zip(params, grads, refs)):
             if kept is None or g is kept or (g is not None and g._is_view()):
                 continue
@@ -583,6 +588,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                 "accumulation), pass `weight=` at every micro-step: the window then lives "
                 "in side buffers."
             )
+        return False
 
     @torch.no_grad()
     def _rescale_window(self, old: torch.Tensor | None, new: torch.Tensor | None) -> None:
@@ -615,7 +621,8 @@ class AccumOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------- micro-step
     # Wrapped below the class by `_observed_step` (a graph break under
     # torch.compile; torch's step hooks and profiler label when they are on).
-    @torch.no_grad()
+    # No `no_grad` here: a micro-step that does not update makes no tensor op;
+    # the methods that do enter it themselves.
     def step(
         self,
         closure: Callable[[], Any] | None = None,
@@ -663,7 +670,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                 loss = closure()
         params = self._params()
         all_grads = [p.grad for p in params]
-        self._check_grads_kept(params, all_grads)
+        kept = self._check_grads_kept(params, all_grads)
         grads = [g for g in all_grads if g is not None]
         if self._unreduced and any(g.is_sparse for g in grads):
             raise RuntimeError(
@@ -689,7 +696,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         # Validation done: state changes from here on.
         if switch_to_buffers:
             self._weighted = True
-        self._accumulate(params, w, grads)
+        self._accumulate(params, w, grads, dense=kept)
         if self._window_steps == 0:
             self._window_scale = None if scale is None else scale.detach().clone()
         self._micro_steps += 1
@@ -749,6 +756,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             )
         return grad_scaler._scale
 
+    @torch.no_grad()
     def _raise_if_nonfinite(self, grads: list, w: float) -> None:
         if not grads:
             return
@@ -761,15 +769,23 @@ class AccumOptimizer(torch.optim.Optimizer):
                 f"of {self.merge_grad}); nothing was accumulated."
             )
 
-    def _accumulate(self, params: list, w: float, grads: list) -> None:
+    def _accumulate(self, params: list, w: float, grads: list, dense: bool = False) -> None:
         """Moves this micro-step's `w * .grad` into the side buffers (if any).
+
+        `grads`: this micro-step's `.grad` tensors that are not None; `dense`:
+        known to be dense (the tensors the last step kept).
+        """
+        if self._grad_refs_only() and (dense or not any(g.is_sparse for g in grads)):
+            return  # Every window lives in `.grad`: autograd did the work.
+        self._move_to_buffers(params, w)
+
+    @torch.no_grad()
+    def _move_to_buffers(self, params: list, w: float) -> None:
+        """The side-buffered parameters' `w * .grad`, into their buffers.
 
         A parameter's buffer exists from its first gradient in a window to
         the window's end, so "has a buffer" is "was seen in this window".
-        `grads`: this micro-step's `.grad` tensors that are not None.
         """
-        if self._grad_refs_only() and not any(g.is_sparse for g in grads):
-            return  # Every window lives in `.grad`: autograd did the work.
         moved, groups = [], {}
         for p in params:
             g = p.grad
@@ -822,6 +838,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                 owners.append(p)
         return tensors, owners
 
+    @torch.no_grad()
     def _close_window(self, params: list, grad_scaler: Any = None) -> tuple[bool, torch.device]:
         """Merge, check, clip, one inner step, EMA, reset.
 
