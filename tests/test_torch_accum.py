@@ -318,7 +318,7 @@ def test_half_precision_window_is_its_sum_divided_once(window, clip):
 
 
 class _HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (`.item()`, `bool()`)."""
+    """Counts reads of a tensor's value by the host (`.item()`, `bool()`, `.tolist()`)."""
 
     def __init__(self):
         super().__init__()
@@ -328,6 +328,21 @@ class _HostReads(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        # `.tolist()` reads the values without a dispatched op.
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.count += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
 
 @pytest.mark.parametrize(
@@ -357,21 +372,33 @@ def test_host_reads_per_micro_step(kwargs, reads):
     assert counts == [0] * (kwargs["merge_grad"] - 1) + [reads]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"on_nonfinite": "raise"}, {"global_clipnorm": 0.1}])
-def test_step_records_no_autograd_graph(kwargs):
-    # Gradients that carry a graph (`backward(create_graph=True)`) into every
-    # path of step(): nothing the optimizer keeps or writes may join it.
+@pytest.mark.parametrize(
+    "kwargs,create_graph",
+    [
+        ({}, True),
+        ({"on_nonfinite": "raise"}, True),
+        ({"global_clipnorm": 0.1}, True),
+        ({"ema_overwrite_frequency": 1}, False),
+        ({"global_clipnorm": 0.1, "ema_overwrite_frequency": 1}, False),
+    ],
+)
+def test_step_records_no_autograd_graph(kwargs, create_graph):
+    # step() runs with grad mode on (it enters no_grad only for its tensor
+    # work). Gradients that carry a graph (`backward(create_graph=True)`, side
+    # buffers then) and the `.grad` path with the EMA written back into the
+    # parameters (an in-place op on a leaf that requires grad raises under
+    # grad mode): nothing the optimizer keeps or writes may join a graph.
     p = torch.nn.Parameter(torch.arange(4.0))
     opt = AccumOptimizer(torch.optim.SGD([p], lr=0.1), merge_grad=2, use_ema=True, **kwargs)
     for _ in range(4):
-        (p * p).sum().backward(create_graph=True)
-        assert p.grad.requires_grad
-        opt.step(weight=1.0)  # side buffers: `.grad` may be replaced
+        (p * p).sum().backward(create_graph=create_graph)
+        assert p.grad.requires_grad == create_graph
+        opt.step(weight=1.0 if create_graph else None)
         kept = [t for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
         assert not any(t.requires_grad for t in kept)
         opt.zero_grad()
-    assert opt.iterations == 2
-    assert p.grad_fn is None and not opt.last_grad_norm.requires_grad
+    assert opt.iterations == 2 and p.is_leaf
+    assert not opt.last_grad_norm.requires_grad
     assert not opt.state[p]["ema"].requires_grad
 
 
@@ -563,22 +590,26 @@ def test_swap_ema_weights_is_bit_exact_and_leaves_buffers():
         assert torch.equal(p, e.to(p.dtype))
 
 
-def test_ema_of_mixed_precision_parameters_follows_each_parameter():
-    # One bf16 and one float32 parameter: the EMA (float32 for both) takes
-    # the bf16 one through an upcast and the float32 one in the foreach call.
-    a = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
-    b = torch.nn.Parameter(torch.zeros(2))
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)]
+)
+def test_ema_of_mixed_precision_parameters_follows_each_parameter(dtypes):
+    # Parameters of two dtypes: the EMA (float32 for bf16, else the
+    # parameter's) takes each through its own group, a bf16 one upcast.
+    a = torch.nn.Parameter(torch.zeros(3, dtype=dtypes[0]))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=dtypes[1]))
     opt = AccumOptimizer(torch.optim.SGD([a, b], lr=1.0), use_ema=True, ema_momentum=0.5)
     expected, trajectory = None, []
     for k in range(4):
-        a.grad = torch.full((3,), 0.25 * (k + 1), dtype=torch.bfloat16)
-        b.grad = torch.full((2,), -0.5 * (k + 1))
+        a.grad = torch.full((3,), 0.25 * (k + 1), dtype=a.dtype)
+        b.grad = torch.full((2,), -0.5 * (k + 1), dtype=b.dtype)
         opt.step()
         opt.zero_grad()
-        now = [a.detach().float().numpy().copy(), b.detach().numpy().copy()]
+        now = [a.detach().double().numpy().copy(), b.detach().double().numpy().copy()]
         trajectory.append(now)
         expected = now if expected is None else [0.5 * e + 0.5 * p for e, p in zip(expected, now)]
-    assert [opt.state[p]["ema"].dtype for p in (a, b)] == [torch.float32] * 2
+    want = [torch.promote_types(t.dtype, torch.float32) for t in (a, b)]
+    assert [opt.state[p]["ema"].dtype for p in (a, b)] == want
     _assert_params([opt.state[p]["ema"] for p in (a, b)], expected)
     assert not np.allclose(expected[0], trajectory[-1][0])  # the EMA lags: a real check
 

@@ -342,3 +342,30 @@ def test_a_resumed_sparse_window_meets_the_next_micro_step_as_the_uninterrupted_
     else:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_sparse_grad_left_on_a_parameter_across_a_load_is_not_taken_for_dense():
+    # A backward through the embedding ran before a mid-window load whose
+    # saved window never touched it: its sparse `.grad` stays on the parameter
+    # (a side-buffered one), and the next micro-steps must treat it as sparse.
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 3)
+    params = list(emb.parameters()) + list(lin.parameters())
+    idx = torch.tensor([1, 2, 3])
+    saved = AccumOptimizer(torch.optim.SGD(params, lr=0.1), merge_grad=2)
+    lin(torch.ones(3, 4)).sum().backward()
+    saved.step()
+    state = saved.state_dict()
+    for p in params:
+        p.grad = None
+    before = emb.weight.detach().clone()
+    opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), merge_grad=2)
+    lin(emb(idx)).sum().backward()
+    opt.load_state_dict(state)
+    assert emb.weight.grad.is_sparse
+    lin(emb(idx)).sum().backward()
+    opt.step()  # closes the window
+    assert opt.iterations == 1 and opt.skipped_updates == 0
+    moved = (emb.weight.detach() != before).any(dim=1)
+    assert moved.tolist() == [i in (1, 2, 3) for i in range(10)]

@@ -202,7 +202,10 @@ class AccumOptimizer(torch.optim.Optimizer):
       a non-update `step()` does no tensor work at all (counters only), and
       `zero_grad()` keeps `.grad` until the window closes. An update adds one
       in-place divide (skipped when the divisor is 1) and one norm read pass
-      (`last_grad_norm`, which also decides the non-finite check).
+      (`last_grad_norm`, which also decides the non-finite check). With
+      `clipnorm`/`global_clipnorm` on float32/float64 gradients the divide
+      rides on the clipping's multiply: no pass beyond
+      `clip_grad_norm_`'s.
     * A side buffer, per parameter, in `accumulator_dtype` (e.g. float32 for
       bfloat16 parameters), or in the parameter dtype once a micro-step
       `weight` is passed (`w * g` cannot be formed inside a `.grad` that
@@ -1128,7 +1131,7 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _update_ema(self, params: list) -> None:
         """`ema = m * ema + (1 - m) * p` after an update (`iterations` already stepped).
 
-        Runs under `torch.no_grad()` (inside `step` and `flush`), so the
+        Runs under `torch.no_grad()` (inside `_close_window`), so the
         parameters are used as they are, not detached one by one.
         """
         cfg = self._config
@@ -1396,6 +1399,10 @@ class AccumOptimizer(torch.optim.Optimizer):
                     p.grad = None if acc is None else acc.to(p.device, p.dtype, copy=True)
             if not state:
                 self.state.pop(p, None)
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            # A sparse `.grad` left on a parameter (its window lives beside
+            # it): the kept references below must not pass for dense ones.
+            self._sparse_seen = True
         self._grad_refs = None
         if self._window_steps > 0:
             self._keep_grad_refs(params)
