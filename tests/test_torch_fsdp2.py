@@ -118,14 +118,23 @@ def _snapshot(model, opt):
     }
 
 
-def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _cpu_mesh(rank: int, port: int):
+    """This process's gloo group on 127.0.0.1 and a 1-D `cpu` DeviceMesh over it."""
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+        yield init_device_mesh("cpu", (WORLD,))
+        dist.barrier()  # no rank tears down while the other still talks
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    with _cpu_mesh(rank, port) as mesh:
         # Count FSDP2's reduce-scatters (its default comm calls this).
         count = [0]
         reduce_scatter = dist.reduce_scatter_single
@@ -186,9 +195,6 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         result["resumed"] = _snapshot(resumed, resumed_opt)
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "result.pt"))
-        dist.barrier()  # no rank tears down while the other still talks
-    finally:
-        dist.destroy_process_group()
 
 
 def _large_batch_oracle():
@@ -259,14 +265,9 @@ def test_fsdp2_no_sync_equals_large_batch_and_resumes_mid_window(tmp_path):
 
 def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
     """One sharded parameter per case; rank 0's shard alone holds the inf."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+    with _cpu_mesh(rank, port) as mesh:
         result = {}
         for case, value, kwargs in (
             ("inf", float("inf"), {}),
@@ -287,9 +288,6 @@ def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
                 opt.step()
             result[case] = (opt.iterations, opt.skipped_updates, p.full_tensor().tolist())
         torch.save(result, os.path.join(out_dir, f"nonfinite{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_nonfinite_window_of_sharded_gradients_is_skipped_on_every_rank(tmp_path):
