@@ -826,7 +826,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         """The window's accumulators and their parameters (seen ones only)."""
         if self._grad_refs_only():
             # No side buffer can exist: the window is the `.grad`s (a sparse
-            # one sets `_sparse_seen` in `_accumulate`, before any close).
+            # one sets `_sparse_seen` in `_move_to_buffers`, before any close).
             owners = [p for p in params if p.grad is not None]
             return [p.grad for p in owners], owners
         tensors, owners = [], []
@@ -1149,8 +1149,8 @@ class AccumOptimizer(torch.optim.Optimizer):
                 emas.append(ema)
                 ps.append(p)
         if not emas:
-            return self._overwrite_with_ema(params)
-        if _one_dtype_and_device(ps) and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
+            pass  # the first update: the copies above are the EMA
+        elif _one_dtype_and_device(ps) and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
             # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
             # (p - ema), one fused pass.
             torch._foreach_lerp_(emas, ps, 1.0 - m)
@@ -1171,11 +1171,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                     # copy of all of them at once).
                     for e, p in zip(es, ps_):
                         e.lerp_(p.to(ema_dtype), 1.0 - m)
-        self._overwrite_with_ema(params)
-
-    def _overwrite_with_ema(self, params: list) -> None:
-        """`ema_overwrite_frequency`: every f-th update the weights take the EMA."""
-        f = self._config.ema_overwrite_frequency
+        f = cfg.ema_overwrite_frequency
         if f is not None and self._iterations % f == 0:
             for p in params:
                 p.copy_(self.state[p]["ema"])
@@ -1488,7 +1484,7 @@ class AccumOptimizer(torch.optim.Optimizer):
 
 
 # torch wraps every optimizer's `step` in its hook runner (step pre/post hooks,
-# a profiler label): about 16 us per call with none registered, the most of a
+# a profiler label): about 16 us per call with none registered, most of a
 # micro-step that does not update, and several times that right after a
 # backward has emptied the caches. AccumOptimizer calls that same runner only
 # when something observes the step: a hook (its own or global) or a running
