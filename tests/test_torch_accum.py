@@ -331,17 +331,18 @@ class _HostReads(TorchDispatchMode):
 
     def __enter__(self):
         # `.tolist()` reads the values without a dispatched op.
-        tolist = self._tolist = torch.Tensor.tolist
+        tolist = torch.Tensor.tolist
 
         def counted(tensor):
             self.count += 1
             return tolist(tensor)
 
-        torch.Tensor.tolist = counted
+        self._patch = pytest.MonkeyPatch()
+        self._patch.setattr(torch.Tensor, "tolist", counted)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
+        self._patch.undo()  # removes the attribute again (torch.Tensor inherits it)
         return super().__exit__(*exc)
 
 
