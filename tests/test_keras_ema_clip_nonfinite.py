@@ -84,15 +84,26 @@ def _assert_matches_oracle(opt, variables, oracle, what=""):
 
 
 def _stepper(opt, variables, mode):
-    """One micro-step function: eager (jitted or not by the optimizer) or in a user's tf.function."""
-    if mode == "function":
+    """One micro-step function: eager (jitted or not by the optimizer) or in a user's tf.function.
+
+    "xla_function": a user's `tf.function(jit_compile=True)`, where the window
+    position is decided at run time inside XLA (as in `model.fit` with
+    `jit_compile=True`).
+    """
+    if mode in ("function", "xla_function"):
         # Keras variables cannot be tf.function arguments: close over them.
-        @tf.function
+        @tf.function(jit_compile=mode == "xla_function")
         def step(grads, weight=None):
             opt.apply(grads, variables, weight=weight)
 
         return step
     return lambda grads, weight=None: opt.apply(grads, variables, weight=weight)
+
+
+def _flusher(opt, mode):
+    if mode == "xla_function":
+        return tf.function(lambda: opt.flush(), jit_compile=True)
+    return opt.flush
 
 
 
@@ -112,14 +123,19 @@ def _train_on_batches(model, x, y, n_batches, batch_size=8):
 # -- the oracle, in lockstep ----------------------------------------------------
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
+@pytest.mark.parametrize(
+    "momentum, mode",
+    [(0.0, "eager"), (0.9, "eager"), (0.9, "xla_function")],
+    ids=["sgd", "momentum", "momentum-xla_function"],
+)
 @pytest.mark.parametrize("case", cases.CASES, ids=[c.id for c in cases.CASES])
-def test_lockstep_with_oracle(case, momentum):
+def test_lockstep_with_oracle(case, momentum, mode):
     """Every micro-step: params, EMA, counters, last_grad_norm equal the oracle's.
 
-    Eager (`jit_compile=False`); `test_keras_xla_mixed.py` checks that the
-    jitted step gives the same numbers. With EMA, the shadows must not move on
-    the micro-steps between updates (bit-exact).
+    "eager": `jit_compile=False` (`test_keras_xla_mixed.py` checks that the
+    optimizer's own jitted step gives the same numbers); "xla_function": a
+    user's `tf.function(jit_compile=True)`, the flush too. With EMA, the
+    shadows must not move on the micro-steps between updates (bit-exact).
     """
     params = cases.make_params()
     stream = cases.make_stream(case)
@@ -127,12 +143,18 @@ def test_lockstep_with_oracle(case, momentum):
     opt = AccumOptimizer(
         keras.optimizers.SGD(0.1, momentum=momentum), jit_compile=False, **case.kwargs
     )
+    opt.build(variables)
+    step = _stepper(opt, variables, mode)
     oracle = ref.RefAccum(params, ref.RefSGD(0.1, momentum), **case.kwargs)
     use_ema = oracle.use_ema
     previous_ema = None
     for k, (grads, weight) in enumerate(stream):
         closed = oracle.step(grads, weight)
-        opt.apply(_tensors(grads), variables, weight=None if case.weights is None else weight)
+        if case.weights is None:
+            step(_tensors(grads))
+        else:
+            # A tensor inside tf.function: a Python float would retrace per value.
+            step(_tensors(grads), weight if mode == "eager" else tf.constant(weight, "float32"))
         _assert_matches_oracle(opt, variables, oracle, what=f"micro-step {k + 1}")
         if use_ema:
             ema = _ema(opt)
@@ -142,7 +164,7 @@ def test_lockstep_with_oracle(case, momentum):
             previous_ema = ema
     if case.flush_at_end:
         assert oracle.flush() is True
-        assert opt.flush() is True
+        assert _flusher(opt, mode)() in (True, None)  # None: traced
         _assert_matches_oracle(opt, variables, oracle, what="after flush")
     assert oracle.iterations == case.n_updates  # the table row means what it says
 
@@ -302,13 +324,22 @@ def _nonfinite_optimizer(case, jit_compile):
     )
 
 
-@pytest.mark.parametrize("mode", ["eager", "jit", "function"])
-@pytest.mark.parametrize("case", cases.NONFINITE_CASES, ids=[c.id for c in cases.NONFINITE_CASES])
+@pytest.mark.parametrize(
+    "case, mode",
+    [
+        pytest.param(case, mode, id=f"{case.id}-{mode}")
+        for case in cases.NONFINITE_CASES
+        for mode in ("eager", "jit", "function", "xla_function")
+        # "raise" inside XLA fails at trace time (tested below).
+        if not (mode == "xla_function" and case.on_nonfinite == "raise")
+    ],
+)
 def test_nonfinite_policy(case, mode):
     """An inf or NaN at each position of a window, under each policy and each way of calling.
 
     `mode`: "eager" (jit_compile=False), "jit" (the optimizer's own XLA step),
-    "function" (inside a user's tf.function, without XLA).
+    "function" (inside a user's tf.function, without XLA), "xla_function"
+    (inside a user's `tf.function(jit_compile=True)`).
     """
     params = cases.make_params()
     variables = _variables(params)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -225,6 +227,51 @@ def test_user_tf_function_decides_compilation_and_traces_once():
     assert int(opt.iterations.numpy()) == oracle.iterations
 
 
+def _copies_of(hlo, shape):
+    """How many `copy` instructions of an f32 buffer of `shape` the HLO text holds."""
+    dims = ",".join(str(d) for d in shape)
+    return len(re.findall(rf"= f32\[{dims}\]\{{[0-9,]*\}} copy\(", hlo))
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "ignore"])
+def test_xla_function_copies_no_state_and_matches_oracle(on_nonfinite):
+    """Inside a user's `tf.function(jit_compile=True)` (as in `fit` with XLA) one
+    compiled step serves every micro-step and decides at run time.
+
+    An XLA conditional would return every variable its update branch writes,
+    so its other branch would copy each weight, inner slot, EMA shadow and
+    accumulator at every micro-step. The compiled step holds no copy of any
+    of them (the variables' shapes are distinct, so a copy is recognised by
+    its shape), and every micro-step matches the oracle.
+    """
+    case = cases.AccumCase(
+        "xla", merge_grad=3, n_micro=9, config=(("use_ema", True), ("global_clipnorm", 1.0))
+    )
+    kwargs = dict(case.kwargs, on_nonfinite=on_nonfinite)
+    params = cases.make_params()
+    variables = _variables(params)
+    opt = AccumOptimizer(keras.optimizers.Adam(0.1), **kwargs)
+    opt.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        opt.apply(grads, variables)
+
+    oracle = ref.RefAccum(params, ref.RefAdam(0.1), **kwargs)
+    stream = cases.make_stream(case)
+    for k, (grads, _) in enumerate(stream):
+        oracle.step(grads)
+        step(_tensors(grads))
+        _close(_values(variables), oracle.params, what=f"params, micro-step {k + 1}")
+        assert int(opt.iterations.numpy()) == oracle.iterations
+    _close([np.array(e.numpy()) for e in opt.ema_variables], oracle.ema, what="ema")
+    assert step.experimental_get_tracing_count() == 1
+    hlo = step.experimental_get_compiler_ir(_tensors(stream[0][0]))(stage="optimized_hlo")
+    assert " while(" in hlo  # the update: a loop of 0 or 1 iterations
+    for shape in cases.SHAPES:
+        assert _copies_of(hlo, shape) == 0, (shape, on_nonfinite)
+
+
 # -- XLA inside model.fit --------------------------------------------------------
 
 
@@ -289,20 +336,22 @@ def test_mixed_float16_fit_matches_float32_large_batch(policy):
 
 
 @pytest.mark.slow
-def test_mixed_float16_overflow_skips_its_whole_window_like_the_large_batch(policy):
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_mixed_float16_overflow_skips_its_whole_window_like_the_large_batch(policy, jit_compile):
     """An overflowing micro-batch skips its window; the windows stay aligned.
 
     Keras's LossScaleOptimizer alone would drop the bad micro-batch before it
     reached us and shift every later window, moving the scale mid-window. The
     large batch that contains the bad rows is skipped by the LossScaleOptimizer:
-    accumulation must end where that run ends, with the same loss scale.
+    accumulation must end where that run ends, with the same loss scale. With
+    the model's `jit_compile=True` the skip and the scale's move run inside XLA.
     """
     x, y = _data(64)
     y = y.copy()
     y[16:24] = 1e4  # micro-batch 2 (in window 0): its float16 gradient overflows
     policy("mixed_float16")
     opt = AccumOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), merge_grad=4)
-    model = _fit(x, y, opt, batch_size=8, epochs=1)
+    model = _fit(x, y, opt, batch_size=8, epochs=1, jit_compile=jit_compile)
     large = _fit(x, y, keras.optimizers.SGD(0.1, momentum=0.9), batch_size=32, epochs=1)
     scaler = model.optimizer
     assert isinstance(scaler, keras.optimizers.LossScaleOptimizer)

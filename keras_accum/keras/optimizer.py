@@ -986,11 +986,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._window_steps.assign_add(one)
         self._micro_steps.assign_add(one)
         if closes is None:
-            tf.cond(
-                self._window_steps >= self.merge_grad,
-                lambda: _no_output(self._update(present)),
-                lambda: None,
-            )
+            _run_if(self._window_steps >= self.merge_grad, lambda: self._update(present))
         elif closes:
             self._update(present)
 
@@ -1004,17 +1000,20 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         `present[i]` is True when variable i is known (at trace time) to have
         a gradient in this window; otherwise `_seen` decides at run time.
         """
-        self._close_window(present)
+        done = self._close_window(present)
         for acc in self._accumulators:
             # Reset by assignment, never by subtraction or scaling: one inf
             # must not turn later windows into NaN.
-            acc.assign(tf.zeros_like(acc))
+            acc.assign(_zeros_after(acc, done))
         self._seen.assign(tf.zeros_like(self._seen))
         self._window_weight.assign(tf.zeros_like(self._window_weight))
         self._window_steps.assign(tf.zeros_like(self._window_steps))
 
     def _close_window(self, present):
         """Merge, check, clip, one inner step, EMA; nothing if the window weighs 0.
+
+        Returns what `_run_if` returns for the step (under XLA, a scalar
+        that exists only once the accumulators have been read).
 
         The decision (samples in the window, finite or not) needs the global
         norm first. It is taken from the summed accumulators, then scaled,
@@ -1061,13 +1060,13 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             finite = tf.cond(
                 tf.math.is_finite(norm), lambda: tf.constant(True), lambda: _all_finite(merge())
             )
-            tf.cond(
+            return _run_if(
                 tf.logical_and(has_samples, finite),
                 lambda: self._apply_merged(merge(), present, norm),
-                lambda: tf.cond(has_samples, self._skip_window, lambda: None),
+                otherwise=lambda: _run_if(has_samples, self._skip_window),
             )
         else:
-            tf.cond(has_samples, lambda: self._apply_merged(merge(), present, norm), lambda: None)
+            return _run_if(has_samples, lambda: self._apply_merged(merge(), present, norm))
 
     def _skip_window(self):
         self._skipped_updates.assign_add(1)
@@ -1119,7 +1118,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                     x.assign(value)
                 return None
 
-            tf.cond(self._seen[i] > 0, lambda: None, _restore)
+            _run_if(self._seen[i] <= 0, _restore)
         if self.use_ema:
             self._update_ema()
         scaler = self._loss_scaler()
@@ -1148,11 +1147,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             ema.assign(m_ema * ema + (1.0 - m_ema) * _stored_value(v, ema.dtype))
         f = cfg.ema_overwrite_frequency
         if f is not None:
-            tf.cond(
-                tf.equal(self.iterations % f, 0),
-                self._overwrite_with_ema,
-                lambda: None,
-            )
+            _run_if(tf.equal(self.iterations % f, 0), self._overwrite_with_ema)
 
     def _overwrite_with_ema(self):
         for ema, v in zip(self._ema, self._trainable_variables):
@@ -1203,9 +1198,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             n = len(self._trainable_variables)
 
             def traced():
-                tf.cond(
-                    self._window_steps > 0, lambda: self._update((False,) * n), lambda: None
-                )
+                _run_if(self._window_steps > 0, lambda: self._update((False,) * n))
 
             _distribute.call_in_cross_replica_context(traced)
             return None
@@ -1670,6 +1663,59 @@ def _weighted(gradient, weight):
 def _no_output(_):
     # `tf.cond` branches must return the same structure: ours return nothing.
     return None
+
+
+def _run_if(pred, fn, otherwise=None):
+    """Runs `fn()` where the scalar `pred` holds, else `otherwise()` if given.
+
+    Both are traced once and their outputs dropped. A `tf.cond`, except
+    under XLA, where each is a loop of 0 or 1 iterations. An XLA conditional
+    returns every variable either branch may write, so the branch that does
+    not write one copies it, at every call: on the micro-steps that do not
+    update, a write-back of every weight, inner slot and accumulator. A
+    while loop's state is updated in place, and a loop that runs zero times
+    touches nothing.
+
+    Returns None, or under XLA the loops' trip count: a scalar that exists
+    only after `fn` (or `otherwise`) ran, for `_zeros_after`.
+    """
+    if not _in_xla_context():
+        tf.cond(
+            pred,
+            lambda: _no_output(fn()),
+            lambda: _no_output(otherwise()) if otherwise is not None else None,
+        )
+        return None
+    pred = tf.convert_to_tensor(pred)
+    trips = _xla_loop_if(pred, fn)
+    if otherwise is not None:
+        trips = trips + _xla_loop_if(tf.logical_not(pred), otherwise)
+    return trips
+
+
+def _xla_loop_if(pred, fn):
+    def body(i):
+        fn()
+        return i + 1
+
+    return tf.while_loop(
+        lambda i: i < tf.cast(pred, tf.int32), body, [tf.constant(0)], maximum_iterations=1
+    )[0]
+
+
+def _zeros_after(variable, done):
+    """Zeros to assign to `variable`, computed from `done` when given.
+
+    Under XLA, a variable written inside a loop is updated in place. The
+    update reads the accumulators inside such loops; zeros written into them
+    with no data dependency on those reads may come first as far as XLA
+    knows, so it copies every accumulator before the reset. Zeros made from
+    the loops' trip count (`0.0 * trips`, which XLA does not fold for
+    floats) come after them, and the copies go.
+    """
+    if done is None:
+        return tf.zeros_like(variable)
+    return tf.fill(tf.shape(variable), tf.cast(done, variable.dtype) * 0)
 
 
 def _all_finite(tensors):
