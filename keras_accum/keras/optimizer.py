@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import json
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -1033,7 +1034,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 g = acc_sum
                 if not over:  # a float8 window maximum is never divided or unscaled
                     if self.reduction == "mean":
-                        g = g / tf.cast(self._window_weight, g.dtype)
+                        g = g / _loop_variant(tf.cast(self._window_weight, g.dtype))
+                    elif _xla_loop_trips():
+                        g = g * _loop_variant(tf.ones([], g.dtype))  # exact
                     if scaler is not None:
                         g = g / tf.cast(scaler.dynamic_scale, g.dtype)
                 merged.append(g)
@@ -1693,14 +1696,44 @@ def _run_if(pred, fn, otherwise=None):
     return trips
 
 
+_XLA_LOOPS = threading.local()  # `.trips`: the loop counters of the bodies being traced
+
+
+def _xla_loop_trips() -> list:
+    if not hasattr(_XLA_LOOPS, "trips"):
+        _XLA_LOOPS.trips = []
+    return _XLA_LOOPS.trips
+
+
 def _xla_loop_if(pred, fn):
     def body(i):
-        fn()
+        trips = _xla_loop_trips()
+        trips.append(i)
+        try:
+            fn()
+        finally:
+            trips.pop()
         return i + 1
 
     return tf.while_loop(
         lambda i: i < tf.cast(pred, tf.int32), body, [tf.constant(0)], maximum_iterations=1
     )[0]
+
+
+def _loop_variant(scalar):
+    """`scalar`, unchanged, made to depend on the innermost `_run_if` loop's counter.
+
+    XLA moves what a loop body computes from values the loop does not change
+    (the accumulators, the window weight) out of the loop, as full-size
+    temporaries: the merged gradient, then the inner step's `g * g`. A
+    conditional's branch fused them into the inner step's passes. Made from
+    the counter (`+ 0.0 * i`, which XLA does not fold for floats), the merge
+    stays in the loop and fuses there. Outside such a loop: `scalar` itself.
+    """
+    trips = _xla_loop_trips()
+    if not trips:
+        return scalar
+    return scalar + tf.cast(trips[-1], scalar.dtype) * 0
 
 
 def _zeros_after(variable, done):
