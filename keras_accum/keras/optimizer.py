@@ -1013,9 +1013,6 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
     def _close_window(self, present):
         """Merge, check, clip, one inner step, EMA; nothing if the window weighs 0.
 
-        Returns what `_run_if` returns for the step (under XLA, a scalar
-        that exists only once the accumulators have been read).
-
         The decision (samples in the window, finite or not) needs the global
         norm first. It is taken from the summed accumulators, then scaled,
         so that no full-size merged gradient exists before it: the merged
@@ -1023,6 +1020,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         update's peak temporaries at about half the trainable bytes (the
         built-in's: up to all of them) and, on the CPU with the system's
         malloc, its fresh, page-faulting allocations few.
+
+        Returns what `_run_if` returns for the step: under XLA, a scalar that
+        exists only once the accumulators have been read (`_zeros_after`).
         """
         sums = _distribute.sum_over_replicas(self._accumulators)
         scaler = self._loss_scaler()
