@@ -1002,10 +1002,10 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         a gradient in this window; otherwise `_seen` decides at run time.
         """
         done = self._close_window(present)
-        for acc in self._accumulators:
+        for i, acc in enumerate(self._accumulators):
             # Reset by assignment, never by subtraction or scaling: one inf
             # must not turn later windows into NaN.
-            acc.assign(_zeros_after(acc, done))
+            acc.assign(_zeros_after(acc, done, i))
         self._seen.assign(tf.zeros_like(self._seen))
         self._window_weight.assign(tf.zeros_like(self._window_weight))
         self._window_steps.assign(tf.zeros_like(self._window_steps))
@@ -1736,19 +1736,21 @@ def _loop_variant(scalar):
     return scalar + tf.cast(trips[-1], scalar.dtype) * 0
 
 
-def _zeros_after(variable, done):
-    """Zeros to assign to `variable`, computed from `done` when given.
+def _zeros_after(variable, done, index):
+    """Zeros to assign to `variable` (the `index`-th), computed from `done` when given.
 
     Under XLA, a variable written inside a loop is updated in place. The
     update reads the accumulators inside such loops; zeros written into them
     with no data dependency on those reads may come first as far as XLA
     knows, so it copies every accumulator before the reset. Zeros made from
-    the loops' trip count (`0.0 * trips`, which XLA does not fold for
-    floats) come after them, and the copies go.
+    the loops' trip count (`0.0 * (trips + index)`, which XLA does not fold
+    for floats) come after them, and the copies go. `index` keeps the fills
+    of same-shape accumulators apart: XLA would merge equal ones into one
+    buffer and copy it into each.
     """
     if done is None:
         return tf.zeros_like(variable)
-    return tf.fill(tf.shape(variable), tf.cast(done, variable.dtype) * 0)
+    return tf.fill(tf.shape(variable), tf.cast(done + index, variable.dtype) * 0)
 
 
 def _all_finite(tensors):
