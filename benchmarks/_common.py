@@ -21,6 +21,19 @@ LAYERS = 4
 # that noise swamps the differences measured (benchmarks/README.md).
 TF_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
 
+# torch allocates on the CPU with glibc's malloc. By default glibc gives the
+# free space at the top of its heap back to the system once it exceeds the
+# trim threshold (twice the largest mapped block freed so far), and the next
+# temporaries there fault their pages in again; whether the freed
+# temporaries of an AdamW step lie at the top depends on everything the
+# process allocated before. At 1M the same inner AdamW step took 0 to 944
+# faults (up to half its time) depending on which configuration ran before
+# it. These settings keep freed memory in the heap for every block below
+# 32 MiB (glibc's largest mmap threshold), as TensorFlow's BFC allocator
+# does; a 50M layer's 50 MB tensors are still mapped and unmapped each time,
+# for every configuration alike.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
 # Hidden width -> parameters of an MLP of `LAYERS` Dense(width, width) layers
 # (kernels and biases): 4 * (w * w + w). The number of variables (8) is the
 # same at every size, so the growth with size is the per-element cost.

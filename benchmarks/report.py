@@ -301,7 +301,8 @@ def markdown(results):
             else ""
         ),
         f"- TensorFlow's CPU allocator: {m.get('tf_cpu_allocator', 'system malloc')}; "
-        f"glibc malloc: {_malloc(m.get('malloc'))}.",
+        f"glibc malloc: {_malloc(m.get('malloc'))}; torch's (glibc malloc): "
+        f"{_malloc(m.get('torch_malloc', m.get('malloc')))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
         f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}.",
         f"- Commit: `{m['commit']}`; {m['date']}; {results['mode']} run, "

@@ -76,7 +76,7 @@ def machine():
         "torch": _version("torch"),
         "numpy": _version("numpy"),
         "commit": _commit(),
-        # glibc's allocator settings change the cost of every fresh 50 MB
+        # glibc's allocator settings change the cost of every fresh
         # temporary (see benchmarks/README.md): record them when set.
         "malloc": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -96,7 +96,10 @@ def _start(section, sizes, args, path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if section == "keras":
-        env[C.TF_BFC] = "true" if args.allocator == "bfc" else "false"
+        env[C.TF_BFC] = "true" if args.allocator == "steady" else "false"
+    elif args.allocator == "steady":
+        for key, value in C.STEADY_MALLOC.items():
+            env.setdefault(key, value)  # the caller's own MALLOC_ settings win
     err = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True
@@ -154,9 +157,10 @@ def main(argv=None):
         help="intra-op threads for TensorFlow and torch (default: theirs, all cores)",
     )  # fmt: skip
     parser.add_argument(
-        "--allocator", choices=("bfc", "system"), default="bfc",
-        help="TensorFlow's CPU allocator for the Keras section: its BFC allocator "
-        "(default) or the system's malloc",
+        "--allocator", choices=("steady", "system"), default="steady",
+        help="steady (default): TensorFlow's BFC allocator for the Keras section and "
+        "glibc's malloc keeping freed blocks below 32 MiB for the torch section; "
+        "system: the system's malloc with its own settings for both",
     )  # fmt: skip
     args = parser.parse_args(argv)
     widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS
@@ -168,7 +172,9 @@ def main(argv=None):
 
     start = time.perf_counter()
     info = machine()
-    info["tf_cpu_allocator"] = "BFC" if args.allocator == "bfc" else "system malloc"
+    info["tf_cpu_allocator"] = "BFC" if args.allocator == "steady" else "system malloc"
+    if args.allocator == "steady":
+        info["torch_malloc"] = {**C.STEADY_MALLOC, **info["malloc"]}
     info["load_start"] = list(os.getloadavg())
     results = {
         "mode": "quick" if args.quick else "full",
