@@ -301,7 +301,7 @@ def markdown(results):
             else ""
         ),
         f"- TensorFlow's CPU allocator: {m.get('tf_cpu_allocator', 'system malloc')}; "
-        f"glibc malloc: {_malloc(m.get('malloc'))}; torch's (glibc malloc): "
+        f"glibc malloc, Keras section: {_malloc(m.get('malloc'))}; torch section: "
         f"{_malloc(m.get('torch_malloc', m.get('malloc')))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
         f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}.",
