@@ -230,7 +230,10 @@ def _optimizer_alone(width, repeats):
         return lambda: floor(grads)
 
     # Both eager settings in one interleaved group: the built-in and plain
-    # Adam (eager, no jit switch) are measured once and serve both.
+    # Adam (eager, no jit switch) are measured once and serve both. The
+    # built-in inside a tf.function runs here too, as the eager target's
+    # reference: this machine's speed drifts by tens of percent over minutes,
+    # so a ratio between two groups measured apart carries that drift.
     accum_jit, accum_graph = _accum(jit_compile=True), _accum(jit_compile=False)
     steps = {
         "accum_jit": (eager_step(accum_jit), "accum"),
@@ -239,13 +242,14 @@ def _optimizer_alone(width, repeats):
         "plain": (eager_step(_adam()), "update"),
         "floor_jit": (floor_step(True, concrete=True), "non_update"),
         "floor_graph": (floor_step(False, concrete=True), "non_update"),
+        "builtin_tf": (graph_step(_adam(gradient_accumulation_steps=K)), "accum"),
     }
     stats = _interleaved_windows(steps, repeats)
     assert int(accum_jit.window_steps.numpy()) == int(accum_graph.window_steps.numpy()) == 0
     rows, memory = [], []
     for jit, suffix in ((True, "_jit"), (False, "_graph")):
         context = f"eager loop, jit_compile={jit}"
-        for name in ("accum", "builtin", "plain", "floor"):
+        for name in ("accum", "builtin", "plain", "floor", "builtin_tf"):
             row_stats = stats.get(name + suffix, stats.get(name))
             rows.append(dict(context=context, row=name, **row_stats))
     del steps, accum_jit, accum_graph

@@ -90,6 +90,10 @@ def test_quick_run_writes_the_table_and_the_plot_with_every_row(tmp_path):
                 # Every timing cell of the row is filled in.
                 cells = table.split(line, 1)[1].split("\n", 1)[0].split("|")[1:4]
                 assert any(c.strip() not in ("", "—") for c in cells), (context, line)
+    for context in KERAS_CONTEXTS[:2]:  # the eager target's reference, interleaved there
+        table = _section(md, f"Keras, {context}")
+        row = "Adam(gradient_accumulation_steps=4) inside a tf.function"
+        assert table.count(f"| {row} |") == len(sizes), (context, row)
     for context, rows in TORCH_ROWS.items():
         table = _section(md, f"torch, {context}")
         for size in sizes:

@@ -122,6 +122,9 @@ def _global_norm(norms: list, device: torch.device) -> torch.Tensor:
     """`sqrt(sum_i norm_i**2)`, float32 (0 when there is no tensor)."""
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
+    if all(type(n) is torch.Tensor and n.dtype is torch.float32 and n.device == device for n in norms):
+        # The common case: one stack, no per-norm cast.
+        return torch.linalg.vector_norm(torch.stack(norms))
     return torch.linalg.vector_norm(_stack(norms, device))
 
 
@@ -400,6 +403,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._window_unsynced: bool | str = False  # the window's last micro-step skipped it
         self._sparse_seen = False  # a sparse gradient was met: some windows live beside .grad
         self._ema_backup: list | None = None
+        self._ema_plan: tuple | None = None  # `_plan_ema`'s lists, while they hold
         # The `.grad` tensors holding the open window (default mode), as left
         # by the last micro-step: `model.zero_grad()` inside a window shows as
         # a replaced tensor at the next step().
@@ -1136,21 +1140,15 @@ class AccumOptimizer(torch.optim.Optimizer):
         """
         cfg = self._config
         m = _core.ema_decay(self._iterations - 1, cfg.ema_momentum, cfg.ema_warmup)
-        state = self.state
-        emas, ps = [], []
-        for p in params:
-            ema = state[p].get("ema")
-            if ema is None:
-                # The first update (or a parameter added since): a copy.
-                state[p]["ema"] = p.detach().to(
-                    dtype=torch.promote_types(p.dtype, torch.float32), copy=True
-                )
-            else:
-                emas.append(ema)
-                ps.append(p)
+        plan = self._ema_plan
+        if plan is None or len(plan[0]) != len(params) or any(
+            a is not b for a, b in zip(plan[0], params)
+        ):
+            plan = self._plan_ema(params)
+        _, emas, ps, one_device = plan
         if not emas:
             pass  # the first update: the copies above are the EMA
-        elif _one_dtype_and_device(ps) and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
+        elif one_device and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
             # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
             # (p - ema), one fused pass.
             torch._foreach_lerp_(emas, ps, 1.0 - m)
@@ -1175,6 +1173,33 @@ class AccumOptimizer(torch.optim.Optimizer):
         if f is not None and self._iterations % f == 0:
             for p in params:
                 p.copy_(self.state[p]["ema"])
+
+    def _plan_ema(self, params: list) -> tuple:
+        """The EMA update's lists: (params, their EMAs, the params with one, one device?).
+
+        Makes the EMA of a parameter that has none (the first update, or a
+        parameter added since): a copy, not updated this time. The plan is
+        kept for the next updates while no copy was made: looking each EMA up
+        by its parameter (a tensor hashed in Python) cost half the update's
+        time besides the lerp itself at 1M parameters. `load_state_dict` and
+        unpickling, which replace the EMA tensors, drop it; the dtypes are
+        checked at each update (a `model.half()` between updates).
+        """
+        state = self.state
+        emas, ps, made = [], [], False
+        for p in params:
+            ema = state[p].get("ema")
+            if ema is None:
+                state[p]["ema"] = p.detach().to(
+                    dtype=torch.promote_types(p.dtype, torch.float32), copy=True
+                )
+                made = True
+            else:
+                emas.append(ema)
+                ps.append(p)
+        plan = (tuple(params), emas, ps, bool(ps) and _one_dtype_and_device(ps))
+        self._ema_plan = None if made else plan
+        return plan
 
     def _require_ema(self, what: str) -> None:
         # The same message as the Keras side.
@@ -1375,6 +1400,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         norm = accum.get("last_grad_norm")
         self._last_grad_norm = None if norm is None else norm.detach().clone()
         self._ema_backup = None
+        self._ema_plan = None  # the EMA tensors are replaced below
         self._unreduced = False
         self._window_unsynced = False
 
@@ -1419,7 +1445,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             k: v
             for k, v in self.__dict__.items()
             if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
-            and k not in ("param_groups", "step", "_grad_refs", _hooks.OWNER_ATTR)
+            and k not in ("param_groups", "step", "_grad_refs", "_ema_plan", _hooks.OWNER_ATTR)
         }
         state["_window_grads"] = (
             [None if self._buffered(p) else p.grad for p in self._params()]
@@ -1440,6 +1466,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         state = dict(state)
         grads = state.pop("_window_grads", None)
         state.setdefault("_grad_refs", None)
+        state.setdefault("_ema_plan", None)
         super().__setstate__(state)  # torch's: fresh hook dicts, the step patch
         _hooks.set_owner(self, self)
         _hooks.set_owner(self.inner_optimizer, self)
