@@ -28,11 +28,17 @@ TF_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
 # temporaries of an AdamW step lie at the top depends on everything the
 # process allocated before. At 1M the same inner AdamW step took 0 to 944
 # faults (up to half its time) depending on which configuration ran before
-# it. These settings keep freed memory in the heap for every block below
-# 32 MiB (glibc's largest mmap threshold), as TensorFlow's BFC allocator
-# does; a 50M layer's 50 MB tensors are still mapped and unmapped each time,
-# for every configuration alike.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# it. These settings keep freed memory in the heap, as TensorFlow's BFC
+# allocator does: blocks below 32 MiB (glibc's largest mmap threshold) are
+# not mapped, and `MALLOC_MMAP_MAX_=0` maps no block at all, so that a 50M
+# layer's 50 MB tensors are not mapped and unmapped at each step either
+# (with them mapped, a torch section spent 36 s of its 64 s in the kernel,
+# and every configuration's 10M -> 50M slope read 1.4 to 1.5).
+STEADY_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_MMAP_MAX_": "0",
+}
 
 # Hidden width -> parameters of an MLP of `LAYERS` Dense(width, width) layers
 # (kernels and biases): 4 * (w * w + w). The number of variables (8) is the

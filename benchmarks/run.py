@@ -159,7 +159,7 @@ def main(argv=None):
     parser.add_argument(
         "--allocator", choices=("steady", "system"), default="steady",
         help="steady (default): TensorFlow's BFC allocator for the Keras section and "
-        "glibc's malloc keeping freed blocks below 32 MiB for the torch section; "
+        "glibc's malloc keeping freed blocks in its heap for the torch section; "
         "system: the system's malloc with its own settings for both",
     )  # fmt: skip
     args = parser.parse_args(argv)
