@@ -1147,7 +1147,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             plan = self._plan_ema(params)
         _, emas, ps, one_device = plan
         if not emas:
-            pass  # the first update: the copies above are the EMA
+            pass  # the first update: the copies `_plan_ema` made are the EMA
         elif one_device and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
             # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
             # (p - ema), one fused pass.
@@ -1180,10 +1180,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         Makes the EMA of a parameter that has none (the first update, or a
         parameter added since): a copy, not updated this time. The plan is
         kept for the next updates while no copy was made: looking each EMA up
-        by its parameter (a tensor hashed in Python) cost half the update's
-        time besides the lerp itself at 1M parameters. `load_state_dict` and
-        unpickling, which replace the EMA tensors, drop it; the dtypes are
-        checked at each update (a `model.half()` between updates).
+        by its parameter (a tensor hashed in Python) and checking dtypes and
+        devices cost about 16 us around a 90 to 150 us lerp at 1M parameters
+        (8 tensors). `load_state_dict` and unpickling, which replace the EMA
+        tensors, drop it; the dtypes are still checked at each update (a
+        `model.half()` between updates).
         """
         state = self.state
         emas, ps, made = [], [], False
