@@ -104,6 +104,35 @@ def median_stats(per_repeat: list[dict]) -> dict:
     return out
 
 
+def combine_runs(runs: list[dict]) -> dict:
+    """Several full runs' sections as one: each timing the median over the runs.
+
+    `runs`: one `{section: {"rows": [...], "memory": [...], ...}}` per run,
+    with the same rows. The memory rows are exact, not timings: the first
+    run's are kept, as is everything else a section reports.
+    """
+    out = {}
+    for section, first in runs[0].items():
+        combined = dict(first)
+        rows = []
+        for row in first["rows"]:
+            key = (row["context"], row["row"], row["size"])
+            same = [
+                r for run in runs for r in run[section]["rows"]
+                if (r["context"], r["row"], r["size"]) == key
+            ]  # fmt: skip
+            if len(same) != len(runs):
+                raise ValueError(f"row {key} is in {len(same)} of the {len(runs)} runs")
+            merged = dict(row)
+            for field in ("non_update", "update", "window"):
+                values = [r[field] for r in same if r[field] is not None]
+                merged[field] = statistics.median(values) if values else None
+            rows.append(merged)
+        combined["rows"] = rows
+        out[section] = combined
+    return out
+
+
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)

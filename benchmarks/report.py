@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 
 KERAS_CONTEXTS = (
@@ -283,16 +284,61 @@ def _slope(index, context, row, a, b):
     return math.log(rb["window"] / ra["window"]) / math.log(rb["params"] / ra["params"])
 
 
+def target_rows(results):
+    """Each target: (description, limit, {size: value}, met, {size: (low, high)}, runs met).
+
+    One run: the run's ratios, no range. Several (`--runs`): each ratio is
+    still taken within one run, between rows measured side by side; the
+    value is the median over the runs of that run's ratio, the range its
+    lowest and highest, and the target is met when the median is within the
+    limit. The descriptions (the linear targets quote the reference rows'
+    slopes) are those of the runs' median timings.
+    """
+    main = targets(results)
+    per_run = results.get("per_run") or []
+    if len(per_run) < 2:
+        return [(text, limit, values, met, None, None) for text, limit, values, met in main]
+    runs = [targets(dict(results, keras=run["keras"], torch=run["torch"])) for run in per_run]
+    out = []
+    for i, (text, limit, _, _) in enumerate(main):
+        values, spread = {}, {}
+        for s in results["sizes"]:
+            seen = [run[i][2][s] for run in runs if run[i][2][s] is not None]
+            # Byte counts stay whole numbers.
+            whole = all(isinstance(v, int) for v in seen)
+            median = statistics.median_low if whole else statistics.median
+            values[s] = median(seen) if seen else None
+            spread[s] = (min(seen), max(seen)) if seen else None
+        known = [v for v in values.values() if v is not None]
+        met = bool(known) and all(v <= limit for v in known)
+        out.append((text, limit, values, met, spread, sum(run[i][3] for run in runs)))
+    return out
+
+
+def _cell(value, spread):
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = f"{value:.2f}"
+    if spread is not None and spread[0] != spread[1]:
+        text += f" ({spread[0]:.2f}–{spread[1]:.2f})"
+    return text
+
+
 def targets_table(results):
     sizes = results["sizes"]
     rows = []
-    for text, limit, values, met in targets(results):
-        cells = []
-        for s in sizes:
-            v = values[s]
-            cells.append("" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.2f}"))
-        rows.append([text, f"<= {limit}", *cells, "met" if met else "**missed**"])
-    return _table(["target", "limit", *sizes, "result"], rows)
+    several = len(results.get("per_run") or []) >= 2
+    for text, limit, values, met, spread, runs_met in target_rows(results):
+        cells = [_cell(values[s], spread[s] if spread else None) for s in sizes]
+        row = [text, f"<= {limit}", *cells, "met" if met else "**missed**"]
+        if several:
+            row.append(f"{runs_met} of {len(results['per_run'])}")
+        rows.append(row)
+    header = ["target", "limit", *sizes, "result"] + (["runs met"] if several else [])
+    return _table(header, rows)
 
 
 def markdown(results):
@@ -323,6 +369,7 @@ def markdown(results):
         "fit and torch training; an MLP of 4 square Dense/Linear layers of each size. "
         "Each figure is a median over windows of "
         f"{results['merge_grad']} micro-steps ({_repeats(results)}).",
+        *_runs_note(results),
         "",
         "Milliseconds per micro-step. *non-update*: a micro-step that only "
         "accumulates (mean over the window's first 3); *update*: the micro-step "
@@ -368,6 +415,20 @@ def markdown(results):
         "",
     ]
     return "\n".join(lines)
+
+
+def _runs_note(results):
+    n = len(results.get("per_run") or [])
+    if n < 2:
+        return []
+    return [
+        f"- {n} runs, each section in fresh processes every time: each timing below is "
+        "the median over the runs of the run's median, each ratio of the tables is "
+        "taken between those; each target is the median over the runs of the run's "
+        "own ratio, with its lowest and highest in brackets, and is met when the "
+        "median is within its limit (*runs met*: in how many runs the run's own "
+        "ratios all were)."
+    ]
 
 
 def _threads(value):
@@ -440,7 +501,8 @@ def plot(results, path):
     m = results["machine"]
     fig.suptitle(
         f"keras_accum, merge_grad={results['merge_grad']}: {m['cores']} cores ({m['cpu']}), "
-        f"load {m['load_start'][0]:.1f}; commit {m['commit'][:12]}",
+        f"load {m['load_start'][0]:.1f}; commit {m['commit'][:12]}"
+        + (f"; median of {len(results['per_run'])} runs" if results.get("per_run") else ""),
         fontsize=11,
     )
     fig.savefig(path, dpi=80)

@@ -1,8 +1,11 @@
 """The runner: both sections, each in its own process, then `results.md`, `results.json`, `plot.png`.
 
-`python -m benchmarks [--quick] [--out DIR] [--sizes 1M,10M]`, from the
-repository root. The full run measures 1M, 10M and 50M parameters; `--quick`
+`python -m benchmarks [--quick] [--out DIR] [--sizes 1M,10M] [--runs N]`, from
+the repository root. The full run measures 1M, 10M and 50M parameters; `--quick`
 uses tiny sizes and two windows (a smoke test: its timings mean nothing).
+`--runs N` runs both sections N times over, each time in fresh processes:
+the same ratio moves from one process to the next (where the allocator puts
+each tensor, what else the machine runs), and N runs show by how much.
 """
 
 from __future__ import annotations
@@ -162,7 +165,15 @@ def main(argv=None):
         "glibc's malloc keeping freed blocks in its heap for the torch section; "
         "system: the system's malloc with its own settings for both",
     )  # fmt: skip
+    parser.add_argument(
+        "--runs", type=int, default=1,
+        help="run both sections this many times, each time in fresh processes (default 1); "
+        "the tables give each timing's median over the runs, the targets the median of "
+        "each run's own ratio and its range",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be an integer >= 1. Received: --runs {args.runs}")
     widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS
     sizes = args.sizes.split(",") if args.sizes else list(widths)
     unknown = [s for s in sizes if s not in widths]
@@ -184,8 +195,16 @@ def main(argv=None):
         "batch": C.BATCH,
     }
     args.all_sizes = sizes
-    with tempfile.TemporaryDirectory() as tmp:
-        results.update(_run_sections(args, tmp))
+    runs = []
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"run {i + 1} of {args.runs}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(_run_sections(args, tmp))
+    results.update(C.combine_runs(runs))
+    results["runs"] = len(runs)
+    if len(runs) > 1:
+        results["per_run"] = runs  # each run's own rows: the targets' ranges
     info["load_end"] = list(os.getloadavg())
     results["machine"] = info
     results["seconds"] = time.perf_counter() - start

@@ -115,3 +115,79 @@ def test_quick_run_writes_the_table_and_the_plot_with_every_row(tmp_path):
         assert 1.0 <= held[("accum", size)] < 1.05
         assert 2.0 <= held[("accum_ema", size)] < 2.05
     assert all(m["extra"] == 0 for m in results["torch"]["memory"] if m["row"] == "accum")
+
+
+def _benchmarks():
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks import _common, report
+
+    return _common, report
+
+
+def test_several_runs_give_each_target_its_median_and_range():
+    """`--runs N`: medians over runs of each run's own ratio, and their range.
+
+    Built from the committed results (real rows): three runs in which our
+    rows cost 1.0x, 1.2x and 0.9x what they cost in the committed run, all
+    else equal. Every target whose numerator is our row then has the
+    committed ratio as median and 0.9x to 1.2x of it as range, and is met in
+    as many runs as the scaled ratios are within the limit.
+    """
+    common, report = _benchmarks()
+    with open(os.path.join(ROOT, "benchmarks", "results", "results.json")) as f:
+        base = json.load(f)
+    base.pop("per_run", None)
+
+    def scaled(factor):
+        run = {}
+        for section in ("keras", "torch"):
+            part = json.loads(json.dumps(base[section]))
+            for row in part["rows"]:
+                if row["row"] == "accum":
+                    for field in ("non_update", "update", "window"):
+                        if row[field] is not None:
+                            row[field] *= factor
+            run[section] = part
+        return run
+
+    factors = (1.0, 1.2, 0.9)
+    runs = [scaled(f) for f in factors]
+    combined = dict(base, **common.combine_runs(runs), per_run=runs, runs=len(runs))
+
+    # Each timing is the median over the runs: here the committed one.
+    for got, want in zip(combined["keras"]["rows"], base["keras"]["rows"]):
+        assert got["window"] == pytest.approx(want["window"], rel=1e-12)
+    assert combined["torch"]["memory"] == base["torch"]["memory"]
+
+    single = {text: (values, limit) for text, limit, values, _ in report.targets(base)}
+    checked = 0
+    for text, limit, values, met, spread, runs_met in report.target_rows(combined):
+        ours = ("Keras", "torch training: AccumOptimizer(AdamW) window")
+        if not text.startswith(ours):  # numerators other than our default row
+            continue
+        want, _ = single[text]
+        for size, value in want.items():
+            if value is None:
+                continue
+            assert values[size] == pytest.approx(value, rel=1e-12), (text, size)
+            assert spread[size] == pytest.approx((0.9 * value, 1.2 * value), rel=1e-12)
+        known = [v for v in want.values() if v is not None]
+        assert met == all(v <= limit for v in known), text
+        assert runs_met == sum(all(f * v <= limit for v in known) for f in factors), text
+        checked += 1
+    assert checked >= 10
+
+    md = report.markdown(combined)
+    targets = md[md.index("## Targets") : md.index("## Keras")]
+    assert "| runs met |" in targets and " of 3 |" in targets
+    assert "3 runs, each section in fresh processes" in md
+
+
+def test_runs_must_be_at_least_one():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--runs", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--runs must be an integer >= 1. Received: --runs 0" in result.stderr
