@@ -191,3 +191,35 @@ def test_runs_must_be_at_least_one():
     )  # fmt: skip
     assert result.returncode == 2
     assert "--runs must be an integer >= 1. Received: --runs 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_keras_profile_names_the_kernels_of_each_micro_step():
+    """`python -m benchmarks.profile_keras`: a smoke run on a tiny model.
+
+    Checks what it attributes, never a timing: the adds of a micro-step that
+    accumulates, and the norm's `L2Loss` kernels in ours when it closes the
+    window (the built-in has no norm).
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_keras", "--size", "2k", "--windows", "2",
+         "--top", "40"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    blocks = out.split("\nmicro-step ")
+    assert len(blocks) == 5, out
+    accumulates, closes = blocks[2], blocks[4]
+    assert accumulates.startswith("2 of 4 (accumulates)") and "AssignAddVariableOp" in accumulates
+    assert closes.startswith("4 of 4 (closes the window)")
+    walls = [float(x) for x in closes.split("\n  wall", 1)[1].split("\n", 1)[0].split()]
+    assert len(walls) == 2 and all(w > 0 for w in walls), closes
+    l2 = [line for line in closes.splitlines() if line.strip().startswith("L2Loss")]
+    assert len(l2) == 1 and l2[0].split()[2] == "(8)" and l2[0].split()[-1] == "(0)", closes
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_keras", "--size", "3M"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Received: --size 3M" in bad.stderr
