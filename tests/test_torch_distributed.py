@@ -8,6 +8,7 @@ numbers and never recompiles between update and non-update micro-steps.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -87,6 +88,10 @@ def _ddp_worker(rank: int, port: int, out_path: str) -> None:
             )
         dist.barrier()  # no rank tears down while the other still talks
     finally:
+        # DDP must not be the group's last owner: see _ddp_bucket_view_worker
+        # in test_torch_hardening.py.
+        ddp = opt = None
+        gc.collect()
         dist.destroy_process_group()
 
 

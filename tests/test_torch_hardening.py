@@ -449,6 +449,15 @@ def _ddp_bucket_view_worker(rank: int, port: int, out_path: str) -> None:
             torch.save({"params": [p.detach() for p in ddp.module.parameters()]}, out_path)
         dist.barrier()
     finally:
+        # DDP's C++ reducer owns a reference to the process group and is freed
+        # with the GIL held. Were it the group's last owner, the group's
+        # destructor would join gloo's worker thread while that thread waits
+        # for the GIL to free its last work item: this worker hung so, once,
+        # at its return (pytorch/pytorch#56297). Free DDP (and its cycles)
+        # while the group is registered; `destroy_process_group` then drops
+        # the group through a binding that releases the GIL.
+        ddp = opt = None
+        gc.collect()
         dist.destroy_process_group()
 
 
