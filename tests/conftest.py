@@ -11,6 +11,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# `jit_compile=True` compiles with XLA only where a GPU or TPU is present (as
+# the tf.keras optimizers did); the suite forces it on the CPU too, so that
+# the XLA paths run in CI (fresh processes inherit it).
+os.environ.setdefault("KERAS_ACCUM_FORCE_XLA", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -1,4 +1,9 @@
-"""Runs the framework-free streams of `cases.py` through the Keras optimizer."""
+"""Runs the framework-free streams of `cases.py` through the Keras optimizer.
+
+Backend-free (`keras.ops` and NumPy), so that the same tests run on Keras's
+TensorFlow, JAX and torch backends; only `compiled="function"` (a user's
+`tf.function`) needs TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+BACKEND = keras.backend.backend()
 
 
 def small_model(seed=1):
@@ -31,7 +38,12 @@ def make_variables(params, dtype="float32"):
 
 
 def to_tensors(grads, dtype="float32"):
-    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+    return [None if g is None else ops.convert_to_tensor(np.asarray(g), dtype=dtype) for g in grads]
+
+
+def values(variables):
+    """The variables' values as NumPy arrays (copies)."""
+    return [np.array(v.numpy()) for v in variables]
 
 
 def run_stream(opt, variables, stream, flush=False, use_weights=True, compiled=None):
@@ -44,6 +56,8 @@ def run_stream(opt, variables, stream, flush=False, use_weights=True, compiled=N
         opt.apply(grads, variables, weight=weight)
 
     if compiled == "function":
+        import tensorflow as tf
+
         # As in a user's loop: the variables are captured, not passed in.
         step = tf.function(step)
     for grads, weight in stream:
@@ -63,7 +77,7 @@ def replay_inner(inner, variables, handed):
     keep_none = isinstance(inner, keras.optimizers.MultiOptimizer)
     for grads in handed:
         pairs = [
-            (None if g is None else tf.constant(g), v)
+            (None if g is None else ops.convert_to_tensor(np.asarray(g)), v)
             for g, v in zip(grads, variables)
             if g is not None or keep_none
         ]

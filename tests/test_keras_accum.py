@@ -550,7 +550,7 @@ def test_inner_op_xla_cannot_compile_runs_unjitted_without_warning():
         warnings.simplefilter("error")
         got = run_stream(opt, make_variables(params), stream)
     _assert_close(got, oracle.params)
-    assert opt._accumulate_jitted
+    assert opt._plumbing._accumulate_jitted
 
 
 def test_xla_fallback_warns_once_and_gives_the_same_numbers():
@@ -566,7 +566,7 @@ def test_xla_fallback_warns_once_and_gives_the_same_numbers():
     assert bodies.count((False, False)) == 2
     assert bodies.count((False, True)) == 0
     assert bodies.count((True, False)) == 1 < oracle.iterations
-    assert not opt._accumulate_jitted
+    assert not opt._plumbing._accumulate_jitted
     _assert_close(got, oracle.params)
     assert int(opt.iterations.numpy()) == oracle.iterations
 

@@ -12,7 +12,7 @@ oracle's merged gradients, a large-batch `fit`, or float64 NumPy arithmetic.
 - an all-`None` gradient list raises as plain Keras does, changing nothing;
 - `MultiOptimizer`, `Muon` and `ScheduleFreeAdamW` as inner optimizers;
 - `loss_scale_factor` works on the wrapper, as the refusal advises;
-- a backend other than TensorFlow is refused at construction.
+- a Keras backend without optimizer steps (NumPy) is refused at construction.
 """
 
 from __future__ import annotations
@@ -104,19 +104,23 @@ def test_exclude_from_weight_decay_reaches_the_inner_optimizer(how):
 
 
 # ----------------------------------------------------- variables and weights
-def test_variables_list_own_and_inner_state_once_each():
+def test_variables_list_inner_then_own_state_once_each():
+    """The inner state first, so `variables[0]` is the step counter (`iterations`), as
+    Keras code reads it; the base class's unused counter and learning rate are not listed."""
     model = small_model()
     opt = AccumOptimizer(keras.optimizers.Adam(0.01), merge_grad=2)
     opt.build(model.trainable_variables)
     ids = [id(v) for v in opt.variables]
     assert len(ids) == len(set(ids)), [v.path for v in opt.variables]
     inner = opt.inner_optimizer.variables
-    assert ids[-len(inner) :] == [id(v) for v in inner]
+    assert ids[: len(inner)] == [id(v) for v in inner]
+    assert opt.variables[0] is opt.iterations
     model_ids = {id(v) for v in model.trainable_variables}
     assert not model_ids & set(ids), "model weights listed as optimizer state"
-    own = ids[: -len(inner)]
+    own = ids[len(inner) :]
     assert not {id(v) for v in inner} & set(own), "inner state listed as own state"
-    assert len(own) >= 4 + 6  # an accumulator per variable, the counters
+    assert id(opt._iterations) not in ids and id(opt._learning_rate) not in ids
+    assert len(own) == 4 + 6  # an accumulator per variable, the counters
 
 
 def test_get_weights_and_set_weights_carry_inner_state():
@@ -150,7 +154,8 @@ def test_set_weights_refuses_a_bad_list_and_assigns_nothing(bad):
         weights = weights[:-1]
         match = rf"`weights` must hold {len(before)} arrays.*Received: {len(before) - 1} arrays"
     elif bad == "shape":
-        weights[-1] = np.zeros((7,), weights[-1].dtype)
+        last_inner = len(opt.inner_optimizer.variables) - 1
+        weights[last_inner] = np.zeros((7,), weights[last_inner].dtype)
         match = r"shape \(2,\).*Received: .*shape \(7,\)"
     else:
         weights[-1] = weights[-1].astype("int32")
@@ -171,11 +176,11 @@ def _signature(store):
     return json.loads(bytes(np.asarray(store["keras_accum_signature"], np.uint8)).decode())
 
 
-def test_saved_state_is_own_and_inner_once_with_format_version_2():
+def test_saved_state_is_inner_and_own_once_with_format_version_3():
     opt = _trained(AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2), small_model(), n=1)
     store = _save_store(opt)
     assert len(store) == len(opt.variables) + 1
-    assert _signature(store)["format_version"] == 2
+    assert _signature(store)["format_version"] == 3
     # Round trip into a fresh optimizer: every own and inner value arrives.
     other = AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2)
     other.build(small_model().trainable_variables)
@@ -190,18 +195,19 @@ def test_unknown_state_format_version_is_refused_naming_it():
     signature["format_version"] = 99
     store["keras_accum_signature"] = np.frombuffer(json.dumps(signature).encode(), np.uint8)
     before = _values(opt.variables)
-    with pytest.raises(ValueError, match="state format version 99.*reads versions 1 and 2"):
+    with pytest.raises(ValueError, match="state format version 99.*reads versions 1, 2, 3"):
         opt.load_own_variables(store)
     _same(_values(opt.variables), before)
 
 
 def test_checkpoint_guard_reads_format_1_and_refuses_unknown_versions():
-    """`tf.train.Checkpoint` names each variable: a format-1 checkpoint restores as is."""
+    """`tf.train.Checkpoint` names each variable: format-1 and 2 checkpoints restore as is."""
     opt = AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2)
     signature = json.loads(opt._state_guard.serialize())
-    assert signature["format_version"] == 2
+    assert signature["format_version"] == 3
     opt._state_guard.deserialize(json.dumps(dict(signature, format_version=1)))
-    with pytest.raises(ValueError, match="format_version: saved 99, this optimizer 2"):
+    opt._state_guard.deserialize(json.dumps(dict(signature, format_version=2)))
+    with pytest.raises(ValueError, match="format_version: saved 99, this optimizer 3"):
         opt._state_guard.deserialize(json.dumps(dict(signature, format_version=99)))
 
 
@@ -239,7 +245,7 @@ def test_keras_file_of_state_format_1_loads_and_resumes_bit_identically():
     _same(_values(opt.ema_variables), _values(straight_opt.ema_variables), "EMA")
     # Saved again, it is written in the current format (each value once).
     store = _save_store(opt)
-    assert _signature(store)["format_version"] == 2
+    assert _signature(store)["format_version"] == 3
     assert len(store) == len(opt.variables) + 1
 
 
@@ -268,12 +274,12 @@ def _saved_merge4_and_trained_merge2(tmp_path):
 def test_refused_keras_load_leaves_inner_and_own_state_unchanged(tmp_path):
     """Loading a differently configured `.keras` state raises and assigns nothing."""
     _, path, model, opt = _saved_merge4_and_trained_merge2(tmp_path)
-    own_before = _values(opt.variables[: -len(opt.inner_optimizer.variables)])
+    own_before = _values(opt.variables[len(opt.inner_optimizer.variables) :])
     inner_before = _inner_state(opt)
     with pytest.raises(ValueError, match="merge_grad: saved 4, this optimizer 2"):
         model.load_weights(path)
     _same(_inner_state(opt), inner_before, "inner state")
-    _same(_values(opt.variables[: -len(opt.inner_optimizer.variables)]), own_before, "own")
+    _same(_values(opt.variables[len(opt.inner_optimizer.variables) :]), own_before, "own")
 
 
 @pytest.mark.parametrize("bad", ["inner_shape", "inner_dtype", "own_dtype"])
@@ -281,7 +287,7 @@ def test_load_validates_inner_state_before_assigning_anything(bad):
     """A store whose inner (or own) entries do not fit raises before any assignment."""
     source = _trained(AccumOptimizer(keras.optimizers.Adam(0.1), merge_grad=2), small_model(), n=3)
     store = _save_store(source)
-    n = len(source.variables)
+    n = len(source.inner_optimizer.variables)
     if bad == "inner_shape":
         store[str(n - 1)] = np.zeros((9,), "float32")
         match = r"shape \(2,\), the saved value \(9,\)"
@@ -527,7 +533,8 @@ def test_loss_scale_factor_in_fit_equals_the_unscaled_run():
 
 # --------------------------------------------------------------- backends
 @pytest.mark.slow
-def test_other_keras_backend_is_refused_at_construction():
+def test_unsupported_keras_backend_is_refused_at_construction():
+    """Keras's NumPy backend (inference only) has no optimizer step: a clear error."""
     code = textwrap.dedent(
         """
         import keras_accum
@@ -537,14 +544,14 @@ def test_other_keras_backend_is_refused_at_construction():
             print("REFUSED:", e)
         """
     )
-    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    env = dict(os.environ, KERAS_BACKEND="numpy", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert "REFUSED:" in out.stdout, out.stdout + out.stderr
     message = out.stdout.split("REFUSED:", 1)[1]
-    assert "'torch'" in message and "TensorFlow backend" in message
-    assert "KERAS_BACKEND=tensorflow" in message and "keras_accum.torch" in message
+    assert "TensorFlow, JAX and torch backends" in message
+    assert "Received: backend='numpy'" in message
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ def policy():
 def test_jitted_step_matches_eager_step_and_oracle(case):
     jit_opt, jit_vars = _run_case(case, jit_compile=True)
     eager_opt, eager_vars = _run_case(case, jit_compile=False)
-    assert not eager_opt._accumulate_jitted
+    assert not eager_opt._plumbing._accumulate_jitted
     # One XLA function for the micro-steps that neither open nor close a
     # window (and for the first window's opening one: after the build the
     # host reads the position, it has not seen a reset), traced once per
@@ -143,11 +143,11 @@ def test_jitted_step_matches_eager_step_and_oracle(case):
     # tf.functions, also traced once per structure.
     structures = {tuple(g is None for g in grads) for grads, _ in cases.make_stream(case)}
     if case.kwargs.get("merge_grad", 1) == 1:  # every micro-step updates
-        assert jit_opt._accumulate_fn is None and jit_opt._start_fn is None
+        assert jit_opt._plumbing._accumulate_fn is None and jit_opt._plumbing._start_fn is None
     else:
-        assert 1 <= jit_opt._start_fn.experimental_get_tracing_count() <= len(structures)
-        assert jit_opt._accumulate_jitted
-        assert 1 <= jit_opt._accumulate_fn.experimental_get_tracing_count() <= len(structures)
+        assert 1 <= jit_opt._plumbing._start_fn.experimental_get_tracing_count() <= len(structures)
+        assert jit_opt._plumbing._accumulate_jitted
+        assert 1 <= jit_opt._plumbing._accumulate_fn.experimental_get_tracing_count() <= len(structures)
     jitted, eager = _state(jit_opt, jit_vars), _state(eager_opt, eager_vars)
     assert jitted["counters"] == eager["counters"]
     _close(jitted["params"], eager["params"], rtol=1e-6, atol=1e-6, what="params")
@@ -180,10 +180,10 @@ def test_one_xla_trace_serves_every_non_update_micro_step(weighted):
             zip(_tensors(grads), variables), weight=float(k + 1) if weighted else None
         )
     assert int(opt.iterations.numpy()) == 3 and int(opt.micro_steps.numpy()) == 12
-    assert opt._accumulate_fn.experimental_get_tracing_count() == 1
-    assert opt._start_fn.experimental_get_tracing_count() == 1
-    (concrete,) = opt._accumulate_fn._list_all_concrete_functions()
-    (start,) = opt._start_fn._list_all_concrete_functions()
+    assert opt._plumbing._accumulate_fn.experimental_get_tracing_count() == 1
+    assert opt._plumbing._start_fn.experimental_get_tracing_count() == 1
+    (concrete,) = opt._plumbing._accumulate_fn._list_all_concrete_functions()
+    (start,) = opt._plumbing._start_fn._list_all_concrete_functions()
     # The function of the micro-steps inside a window is XLA-compiled
     # (must-compile), not a plain graph; the window's first one is a plain
     # graph (it writes the gradients into the accumulators).
@@ -220,7 +220,7 @@ def test_user_tf_function_decides_compilation_and_traces_once():
     for grads, _ in stream[1:]:
         step(_tensors(grads))
     assert step.experimental_get_tracing_count() == traces  # no retrace, updates included
-    assert opt._accumulate_fn is None  # the caller's function ran the step, not ours
+    assert opt._plumbing._accumulate_fn is None  # the caller's function ran the step, not ours
     oracle = _oracle(case)
     _close(_values(variables), oracle.params, what="params vs oracle")
     _close([np.array(e.numpy()) for e in opt.ema_variables], oracle.ema, what="ema vs oracle")
@@ -290,7 +290,7 @@ def test_fit_with_model_jit_compile_matches_large_batch():
     # The large-batch run without XLA: one compile less, and XLA vs graph on the way.
     large_model = _fit(x, y, large, batch_size=32, jit_compile=False)
     # The model's XLA-compiled train step ran ours; the optimizer made no function of its own.
-    assert small._accumulate_fn is None and large._accumulate_fn is None
+    assert small._plumbing._accumulate_fn is None and large._plumbing._accumulate_fn is None
     assert int(small.iterations.numpy()) == int(large.iterations.numpy()) == 4
     assert int(small.micro_steps.numpy()) == 16
     _close(_values(small_model.trainable_weights), _values(large_model.trainable_weights))

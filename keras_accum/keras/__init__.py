@@ -1,4 +1,4 @@
-"""The Keras 3 side of keras_accum (TensorFlow backend)."""
+"""The Keras 3 side of keras_accum, on every Keras backend (TensorFlow, JAX, torch)."""
 
 from keras_accum.keras.callbacks import FlushWindow, SwapEMAWeights
 from keras_accum.keras.optimizer import AccumOptimizer

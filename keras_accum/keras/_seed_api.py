@@ -19,7 +19,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from keras_accum.keras._backend import host_value
 
 #: Features the wrapper owns, with their "off" values. A tf.keras-era (or
 #: Keras 3) inner optimizer config that turns one on hands it to the wrapper.
@@ -79,6 +81,20 @@ def _drop_legacy_decay(cfg: dict, where: str) -> None:
         )
 
 
+def _tensorflow(what: str):
+    """TensorFlow, for the methods of its era; a clear error on another backend."""
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"`{what}` takes a `tf.GradientTape` or a `tf.distribute` replica context: it "
+            "exists on Keras's TensorFlow backend only. On this backend compute the "
+            "gradients yourself and call `apply_gradients`. Received: backend="
+            f"{keras.backend.backend()!r}"
+        )
+    import tensorflow as tf
+
+    return tf
+
+
 def _inner_class_name(name: Any) -> Any:
     # TF 2.11/2.12 wrote the new optimizers as "Custom>Adam".
     if isinstance(name, str) and name.startswith("Custom>"):
@@ -120,6 +136,7 @@ class _SeedAPIMixin:
         grads_and_vars = opt.compute_gradients(loss, model.trainable_variables, tape=tape)
         ```
         """
+        tf = _tensorflow("compute_gradients")
         if not callable(loss) and tape is None:
             raise ValueError(
                 "`tape` is required when a tensor `loss` is passed (the tape that "
@@ -186,6 +203,9 @@ class _SeedAPIMixin:
         ```
         """
         grads_and_vars = list(grads_and_vars)
+        if keras.backend.backend() != "tensorflow":
+            return grads_and_vars  # no tf.distribute: one replica
+        tf = _tensorflow("aggregate_gradients")
         if tf.distribute.get_strategy().num_replicas_in_sync == 1:
             return grads_and_vars
         context = tf.distribute.get_replica_context()
@@ -422,10 +442,9 @@ class _SeedAPIMixin:
         index = {id(v): str(i) for i, v in enumerate(self.variables)}
 
         def put(variable, value):
-            store[index[id(variable)]] = (
-                tf.cast(tf.reshape(tf.convert_to_tensor(value), variable.shape), variable.dtype)
-                .numpy()
-            )
+            dtype = keras.backend.standardize_dtype(variable.dtype)
+            value = np.asarray(host_value(value)).reshape(tuple(variable.shape))
+            store[index[id(variable)]] = np.asarray(host_value(ops.cast(value, dtype)))
 
         for new_v, old_v in zip(new_inner, old_inner):
             put(new_v, old_v.numpy())

@@ -46,16 +46,21 @@ class SwapEMAWeights(keras.callbacks.Callback):
     """Evaluates and predicts on the EMA weights, then puts the raw weights back.
 
     The swap copies (it never adds and subtracts), so the raw weights come
-    back bit-exactly. The EMA is held only while the compiled test (or
-    predict) function runs, one batch at a time: Keras fetches predict
-    batches, and runs callbacks, outside that function, so an error there
-    (a failing data source, a callback raising, an interrupt) finds the raw
-    weights in place.
+    back bit-exactly. On the TensorFlow and torch backends the EMA is held
+    only while the compiled test (or predict) function runs, one batch at a
+    time: Keras fetches predict batches, and runs callbacks, outside that
+    function, so an error there (a failing data source, a callback raising,
+    an interrupt) finds the raw weights in place. On JAX the trainer reads
+    the weights once, before the first batch, so the EMA is swapped in from
+    the start of the evaluation (or prediction) to its end.
     """
 
     _ATTRS = ("test_function", "predict_function")
 
     def _wrap(self, opt):
+        if keras.backend.backend() == "jax":
+            opt.swap_in_ema()  # the trainer reads the weights once, after this
+            return
         for attr in self._ATTRS:
             fn = getattr(self.model, attr, None)
             if fn is None or getattr(fn, "_keras_accum_guarded", False):

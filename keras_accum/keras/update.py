@@ -13,7 +13,8 @@ import contextlib
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
 from keras_accum import _update
 from keras_accum._update import Deferred, apply_deferred
@@ -25,7 +26,7 @@ def update_model(
     model: keras.Model,
     gradients: list | None = None,
     loss: Any = None,
-    tape: tf.GradientTape | None = None,
+    tape: Any = None,
     defer: bool = False,
     deferred: Deferred | None = None,
 ) -> None:
@@ -120,6 +121,12 @@ def update_model(
     _update.check_common_args(gradients, loss, defer, deferred)
     optimizer = _model_optimizer(model)
     variables = list(model.trainable_variables)
+    if gradients is not None and tape is None:
+        grads = _checked_gradients(gradients, variables)
+        pairs = list(zip(grads, variables))
+        _update.store_or_run(model, lambda: optimizer.apply_gradients(pairs), defer, deferred)
+        return
+    tf = _tensorflow()
     if tape is not None and not isinstance(tape, tf.GradientTape):
         raise TypeError(
             "`tape` must be the `tf.GradientTape` that recorded `loss`. "
@@ -151,6 +158,20 @@ def update_model(
         return
     with _paused(tape):  # the optimizer's own work is not for the tape to record
         run()
+
+
+def _tensorflow():
+    """TensorFlow, for the `loss`/`tape` form; a clear error on another backend."""
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "`loss` and `tape` take a `tf.GradientTape`: that form of `update_model` exists "
+            "on Keras's TensorFlow backend only. On this backend pass the gradients, "
+            "`update_model(model, gradients=grads)`. Received: backend="
+            f"{keras.backend.backend()!r}"
+        )
+    import tensorflow as tf
+
+    return tf
 
 
 def _paused(tape):
@@ -186,27 +207,42 @@ def _checked_gradients(gradients, variables):
         if g is None:
             out.append(None)
             continue
-        if isinstance(g, tf.IndexedSlices):
+        if _is_indexed_slices(g):
             # Rows of the variable: the trailing dimensions must agree.
-            shape = tf.TensorShape(g.values.shape)[1:]
-            if not shape.is_compatible_with(tf.TensorShape(v.shape)[1:]):
-                raise _update.shape_error(i, tuple(v.shape), ("?",) + tuple(shape), "variable")
+            shape = tuple(g.values.shape)[1:]
+            if not _compatible(shape, tuple(v.shape)[1:]):
+                raise _update.shape_error(i, tuple(v.shape), ("?",) + shape, "variable")
             out.append(g)
             continue
-        if not (tf.is_tensor(g) or hasattr(g, "shape")):
+        if not hasattr(g, "shape"):
             raise TypeError(
                 f"`gradients[{i}]` must be a tensor, an array or None. "
                 f"Received: gradients[{i}] of type {type(g).__name__}"
             )
-        g = tf.convert_to_tensor(g)  # a snapshot: a deferred update sees today's value
-        if not g.shape.is_compatible_with(tf.TensorShape(v.shape)):
+        if isinstance(g, np.ndarray):
+            g = np.array(g)  # a snapshot: a deferred update sees today's value
+        g = ops.convert_to_tensor(g)
+        if not _compatible(tuple(g.shape), tuple(v.shape)):
             raise _update.shape_error(i, tuple(v.shape), tuple(g.shape), "variable")
         out.append(g)
     return out
 
 
+def _is_indexed_slices(gradient) -> bool:
+    return type(gradient).__name__ == "IndexedSlices" and keras.backend.backend() == "tensorflow"
+
+
+def _compatible(shape, expected) -> bool:
+    """Equal shapes, or equal but for dimensions unknown while tracing (None)."""
+    return len(shape) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(shape, expected)
+    )
+
+
 def _loss_scale(optimizer, dtype):
     """The factor `optimizer.scale_loss` multiplies a loss by, or None."""
+    import tensorflow as tf
+
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
         getattr(optimizer, "loss_scale_factor", None) is not None
     ):
@@ -221,6 +257,8 @@ def _gradients_of(loss, variables, tape, optimizer):
     (`output_gradients`), which is what their own gradients would feed back:
     the loss need not have been scaled or averaged under the tape.
     """
+    import tensorflow as tf
+
     loss = tf.convert_to_tensor(loss)
     scale = _loss_scale(optimizer, loss.dtype)
     upstream = None

@@ -1,0 +1,163 @@
+"""JAX plumbing: stateless scopes, 0-or-1-trip loops, a jitted eager micro-step.
+
+Knows how JAX runs the contract's steps, never what they compute.
+
+- `model.fit` jits a train step that calls `optimizer.stateless_apply(
+  optimizer_variables, grads, trainable_variables)`: every variable is a
+  traced value in a `keras.StatelessScope`, an `assign` records a new value,
+  and all state is in `optimizer.variables` (passed by position). A branch
+  that writes state (the update, the skip) cannot assign inside a
+  `lax.cond` (the tracer would leak); it runs as a `lax.while_loop` of 0 or
+  1 iterations whose carry is the state: the body maps the carried values
+  into a scope of its own, runs the branch, and returns what it assigned;
+  the loop's results are assigned outside. A loop, not a conditional: an XLA
+  conditional returns every buffer its branches may write, so a micro-step
+  that does not update would copy every weight, slot and accumulator; a
+  loop that runs zero times touches nothing (with the trainer's donated
+  state, in place).
+- Eager `apply_gradients` (a custom loop without `jax.jit`): the host knows
+  the window position, and with `jit_compile=True` runs that step as one
+  `jax.jit` function of the state's values (traced once per step kind and
+  gradient structure), then assigns what changed.
+- `keras.distribution`: accumulators and shadows take their variable's
+  layout (the base plumbing's `accumulator`/`shadow`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from keras.src.backend.common.stateless_scope import StatelessScope, get_stateless_scope
+
+from keras_accum.keras import _backend as base
+from keras_accum.keras import _loss_scale
+
+
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+class Plumbing(base.Plumbing):
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self._jitted = {}
+
+    def resolve_jit_compile(self, requested):
+        # XLA is JAX's only compiler: a jitted step is faster on every device.
+        return bool(requested)
+
+    # ------------------------------------------------------------------ steps
+    def traced(self):
+        return _is_traced(self.optimizer._window_steps.value)
+
+    def check_traced_raise(self):
+        raise RuntimeError(
+            "`on_nonfinite='raise'` cannot raise inside a jitted function (a traced "
+            "JAX step cannot raise on a value). Use `on_nonfinite='skip'`, or run "
+            "the step eagerly (`model.compile(jit_compile=False)`, or call "
+            "`apply_gradients` outside `jax.jit`). Received: on_nonfinite='raise'"
+        )
+
+    def state_variables(self) -> list:
+        """Every variable a micro-step may read or write, in a fixed order."""
+        opt = self.optimizer
+        seen, out = set(), []
+        for v in list(opt._trainable_variables) + opt.variables + _loss_scale.state_variables(opt):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
+    def eager_step(self, run, closes, starts, grads, weight):
+        if not self.optimizer.jit_compile:
+            return run(grads, weight, closes=closes, starts=starts)
+        variables = self.state_variables()
+        key = (closes, starts, len(variables))
+        fn = self._jitted.get(key)
+        if fn is None:
+            fn = self._jitted[key] = _stateless(run, variables, closes=closes, starts=starts)
+        values = [v.value for v in variables]
+        new_values, finite = fn(values, grads, weight)
+        for v, old, new in zip(variables, values, new_values):
+            if new is not old:
+                v.assign(new)
+        return finite
+
+    def forget_compiled(self):
+        self._jitted = {}
+
+    # ----------------------------------------------------------- control flow
+    def run_if(self, pred, fn, otherwise=None):
+        if not _is_traced(pred):
+            return super().run_if(pred, fn, otherwise)
+        self._loop_if(pred, fn)
+        if otherwise is not None:
+            self._loop_if(jnp.logical_not(pred), otherwise)
+        return None
+
+    def _loop_if(self, pred, fn):
+        variables = self.state_variables()
+        outer = get_stateless_scope()
+        if outer is None:
+            raise RuntimeError(
+                f"AccumOptimizer '{self.optimizer.name}': a traced step must run in a "
+                "`keras.StatelessScope` (call `optimizer.stateless_apply` inside `jax.jit`)."
+            )
+        carried = {id(v) for v in variables}
+        init = [v.value for v in variables]
+        names = {id(v): v.path for v in variables}
+
+        def body(carry):
+            i, values = carry
+            with StatelessScope() as scope:
+                scope.state_mapping.update(outer.state_mapping)
+                for v, x in zip(variables, values):
+                    scope.state_mapping[id(v)] = x
+                before = dict(scope.state_mapping)
+                fn()
+            leaked = [
+                key
+                for key, value in scope.state_mapping.items()
+                if key not in carried and value is not before.get(key)
+            ]
+            if leaked:
+                raise RuntimeError(
+                    f"AccumOptimizer '{self.optimizer.name}': a conditional step wrote "
+                    f"{len(leaked)} variable(s) outside the optimizer's state "
+                    f"({sorted(names.get(k, str(k)) for k in leaked)[:3]}); they would be "
+                    "lost under jax.jit."
+                )
+            return i + 1, [scope.get_current_value(v) for v in variables]
+
+        _, new = jax.lax.while_loop(
+            lambda carry: carry[0] < pred.astype("int32"), body, (jnp.int32(0), init)
+        )
+        for v, value in zip(variables, new):
+            v.assign(value)
+
+    def assert_finite(self, finite, micro_step):
+        pass  # refused at trace time (`check_traced_raise`); eager steps raise on the host
+
+    # ----------------------------------------------------------------- kernels
+    def stored_value(self, variable, dtype):
+        """`variable`'s value as stored (see the TensorFlow plumbing: XLA's excess precision)."""
+        value = variable.value
+        if value.dtype == jnp.dtype(dtype) or not jnp.issubdtype(value.dtype, jnp.floating):
+            return value.astype(dtype)
+        bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[value.dtype.itemsize]
+        pinned = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(value, bits), value.dtype)
+        return pinned.astype(dtype)
+
+    def snapshot(self, variable):
+        return variable.value  # immutable
+
+
+def _stateless(run, variables, **kwargs):
+    """`run(grads, weight, **kwargs)` as a jitted function of the variables' values."""
+
+    def step(values, grads, weight):
+        with StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+            finite = run(grads, weight, **kwargs)
+        return [scope.get_current_value(v) for v in variables], finite
+
+    return jax.jit(step)
