@@ -16,6 +16,18 @@ from keras import ops
 BACKEND = keras.backend.backend()
 
 
+def _has_float64() -> bool:
+    if BACKEND != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+#: Whether float64 variables hold float64 (JAX keeps float32 without `jax_enable_x64`).
+FLOAT64 = _has_float64()
+
+
 def small_model(seed=1):
     """A 5 -> 4 (tanh) -> 2 MLP with fixed initial weights."""
     keras.utils.set_random_seed(seed)
@@ -86,3 +98,80 @@ def replay_inner(inner, variables, handed):
             warnings.filterwarnings("ignore", "Gradients do not exist", UserWarning)
             inner.apply_gradients(pairs)
     return [np.array(v.numpy()) for v in variables]
+
+
+#: How a test takes a micro-step, per Keras backend:
+#: "eager": `apply` called eagerly, the optimizer built with `jit_compile=False`;
+#: "jit": `apply` called eagerly, the optimizer's own compiled step (XLA on
+#: TensorFlow, `jax.jit` on JAX); "function": inside a user's `tf.function`;
+#: "xla_function": inside a user's `tf.function(jit_compile=True)` (as `fit`
+#: with XLA); "jax_jit": a user's `jax.jit` of `stateless_apply` (as `fit` on
+#: JAX). In the last two the window position is decided at run time.
+MODES = {
+    "tensorflow": ("eager", "jit", "function", "xla_function"),
+    "jax": ("eager", "jit", "jax_jit"),
+    "torch": ("eager",),
+}[BACKEND]
+
+#: The modes in which a step is traced by the caller, as in `fit`.
+TRACED_MODES = ("xla_function", "jax_jit")
+
+
+def stepper(opt, variables, mode):
+    """`step(grads, weight=None)`: one micro-step of `opt` on `variables`, called as `mode` says.
+
+    `opt` must be built on `variables` for the traced modes.
+    """
+    if mode in ("function", "xla_function"):
+        import tensorflow as tf
+
+        # Keras variables cannot be tf.function arguments: close over them.
+        @tf.function(jit_compile=mode == "xla_function")
+        def step(grads, weight=None):
+            opt.apply(grads, variables, weight=weight)
+
+        return step
+    if mode == "jax_jit":
+        import jax
+
+        @jax.jit
+        def pure(opt_values, train_values, grads, weight):
+            return opt.stateless_apply(opt_values, grads, train_values, weight=weight)
+
+        def step(grads, weight=None):
+            if weight is not None:
+                weight = np.float32(weight)
+            trained, state = pure(
+                [v.value for v in opt.variables], [v.value for v in variables], grads, weight
+            )
+            _write(variables, trained)
+            _write(opt.variables, state)
+
+        return step
+    return lambda grads, weight=None: opt.apply(grads, variables, weight=weight)
+
+
+def flusher(opt, variables, mode):
+    """`flush()` of `opt`, called as `mode` says (see `stepper`)."""
+    if mode == "xla_function":
+        import tensorflow as tf
+
+        return tf.function(lambda: opt.flush(), jit_compile=True)
+    if mode == "jax_jit":
+        import jax
+
+        pure = jax.jit(opt.stateless_flush)
+
+        def flush():
+            trained, state = pure([v.value for v in opt.variables], [v.value for v in variables])
+            _write(variables, trained)
+            _write(opt.variables, state)
+            return None
+
+        return flush
+    return opt.flush
+
+
+def _write(variables, new_values):
+    for v, value in zip(variables, new_values):
+        v.assign(value)

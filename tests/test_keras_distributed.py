@@ -15,6 +15,9 @@ import tensorflow as tf
 
 from keras_accum import AccumOptimizer
 
+#: tf.distribute is TensorFlow's (JAX: `test_keras_jax.py`, `keras.distribution`).
+pytestmark = pytest.mark.tensorflow
+
 DEVICES = ["/cpu:0", "/cpu:1"]
 B = 8  # global micro-batch
 K = 2  # merge_grad

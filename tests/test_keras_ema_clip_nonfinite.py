@@ -18,7 +18,7 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.py)
     import cases
@@ -26,6 +26,7 @@ try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.
 except ImportError:  # tests/ as a package
     from tests import cases
     from tests import reference as ref
+from keras_driver import BACKEND, MODES, TRACED_MODES, flusher, stepper, to_tensors
 from keras_driver import small_data as _data
 from keras_driver import small_model as _make_model
 
@@ -43,7 +44,12 @@ def _variables(params, dtype="float32"):
 
 
 def _tensors(grads, dtype="float32"):
-    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+    return to_tensors(grads, dtype)
+
+
+def _cast_like_stored(values, dtype):
+    """float32 arrays rounded through `dtype` (what a variable of `dtype` stores)."""
+    return [np.array(ops.convert_to_numpy(ops.cast(ops.cast(v, dtype), "float32"))) for v in values]
 
 
 def _values(variables):
@@ -84,28 +90,11 @@ def _assert_matches_oracle(opt, variables, oracle, what=""):
 
 
 def _stepper(opt, variables, mode):
-    """One micro-step function: eager (jitted or not by the optimizer) or in a user's tf.function.
-
-    "xla_function": a user's `tf.function(jit_compile=True)`, where the window
-    position is decided at run time inside XLA (as in `model.fit` with
-    `jit_compile=True`).
-    """
-    if mode in ("function", "xla_function"):
-        # Keras variables cannot be tf.function arguments: close over them.
-        @tf.function(jit_compile=mode == "xla_function")
-        def step(grads, weight=None):
-            opt.apply(grads, variables, weight=weight)
-
-        return step
-    return lambda grads, weight=None: opt.apply(grads, variables, weight=weight)
+    return stepper(opt, variables, mode)
 
 
-def _flusher(opt, mode):
-    if mode == "xla_function":
-        return tf.function(lambda: opt.flush(), jit_compile=True)
-    return opt.flush
-
-
+def _flusher(opt, variables, mode):
+    return flusher(opt, variables, mode)
 
 
 def _np_predict(weights, x):
@@ -123,19 +112,24 @@ def _train_on_batches(model, x, y, n_batches, batch_size=8):
 # -- the oracle, in lockstep ----------------------------------------------------
 
 
+_LOCKSTEP_MODES = [(0.0, "eager"), (0.9, "eager")] + [(0.9, m) for m in TRACED_MODES if m in MODES]
+
+
 @pytest.mark.parametrize(
     "momentum, mode",
-    [(0.0, "eager"), (0.9, "eager"), (0.9, "xla_function")],
-    ids=["sgd", "momentum", "momentum-xla_function"],
+    _LOCKSTEP_MODES,
+    ids=[("sgd" if m == 0.0 else "momentum") + ("" if mode == "eager" else f"-{mode}") for m, mode in _LOCKSTEP_MODES],
 )
 @pytest.mark.parametrize("case", cases.CASES, ids=[c.id for c in cases.CASES])
 def test_lockstep_with_oracle(case, momentum, mode):
     """Every micro-step: params, EMA, counters, last_grad_norm equal the oracle's.
 
     "eager": `jit_compile=False` (`test_keras_xla_mixed.py` checks that the
-    optimizer's own jitted step gives the same numbers); "xla_function": a
-    user's `tf.function(jit_compile=True)`, the flush too. With EMA, the
-    shadows must not move on the micro-steps between updates (bit-exact).
+    optimizer's own jitted step gives the same numbers); "xla_function" (a
+    user's `tf.function(jit_compile=True)`) and "jax_jit" (a user's `jax.jit`
+    of `stateless_apply`): the window decided at run time, the flush too.
+    With EMA, the shadows must not move on the micro-steps between updates
+    (bit-exact).
     """
     params = cases.make_params()
     stream = cases.make_stream(case)
@@ -154,7 +148,7 @@ def test_lockstep_with_oracle(case, momentum, mode):
             step(_tensors(grads))
         else:
             # A tensor inside tf.function: a Python float would retrace per value.
-            step(_tensors(grads), weight if mode == "eager" else tf.constant(weight, "float32"))
+            step(_tensors(grads), weight if mode == "eager" else ops.convert_to_tensor(weight, "float32"))
         _assert_matches_oracle(opt, variables, oracle, what=f"micro-step {k + 1}")
         if use_ema:
             ema = _ema(opt)
@@ -164,7 +158,7 @@ def test_lockstep_with_oracle(case, momentum, mode):
             previous_ema = ema
     if case.flush_at_end:
         assert oracle.flush() is True
-        assert _flusher(opt, mode)() in (True, None)  # None: traced
+        assert _flusher(opt, variables, mode)() in (True, None)  # None: traced
         _assert_matches_oracle(opt, variables, oracle, what="after flush")
     assert oracle.iterations == case.n_updates  # the table row means what it says
 
@@ -187,7 +181,7 @@ def test_ema_first_update_copies_then_moves_after_updates_only():
         (4.0, -2.0, -1.5),  # micro-step: EMA stays
     ]
     for g, w_after, ema_after in expected:
-        opt.apply_gradients([(tf.constant([g]), v)])
+        opt.apply_gradients([(ops.convert_to_tensor([g], "float32"), v)])
         np.testing.assert_array_equal(v.numpy(), [w_after])
         if ema_after is not None:
             np.testing.assert_array_equal(opt.ema_variables[0].numpy(), [ema_after])
@@ -231,7 +225,7 @@ def test_finalize_variable_values_writes_the_ema(dtype):
     assert all(e.dtype == np.float32 for e in ema)
     assert not all(np.array_equal(r, e) for r, e in zip(raw, ema))  # the test means something
     opt.finalize_variable_values(variables)
-    expected = [np.array(tf.cast(tf.cast(e, dtype), "float32")) for e in ema]
+    expected = _cast_like_stored(ema, dtype)
     _same(_values(variables), expected, what="finalized weights")
 
 
@@ -329,9 +323,9 @@ def _nonfinite_optimizer(case, jit_compile):
     [
         pytest.param(case, mode, id=f"{case.id}-{mode}")
         for case in cases.NONFINITE_CASES
-        for mode in ("eager", "jit", "function", "xla_function")
-        # "raise" inside XLA fails at trace time (tested below).
-        if not (mode == "xla_function" and case.on_nonfinite == "raise")
+        for mode in MODES
+        # "raise" inside XLA or jax.jit fails at trace time (tested below).
+        if not (mode in TRACED_MODES and case.on_nonfinite == "raise")
     ],
 )
 def test_nonfinite_policy(case, mode):
@@ -369,6 +363,8 @@ def test_nonfinite_policy(case, mode):
                 with pytest.raises(FloatingPointError, match=rf"micro-step {bad}\b"):
                     oracle.step(grads)
                 if mode == "function":
+                    import tensorflow as tf
+
                     with pytest.raises(tf.errors.InvalidArgumentError) as info:
                         step(_tensors(grads))
                     assert re.search(rf"micro-step\D*\b{bad}\b", str(info.value)), info.value
@@ -430,30 +426,37 @@ def test_nonfinite_policy(case, mode):
         assert int(opt.iterations.numpy()) == 3 and int(opt.skipped_updates.numpy()) == 0
 
 
-def test_raise_inside_xla_function_fails_at_trace_time():
+@pytest.mark.parametrize("mode", [m for m in TRACED_MODES if m in MODES] or ["none"])
+def test_raise_inside_a_traced_step_fails_at_trace_time(mode):
+    """XLA drops assertions and a jitted JAX step cannot raise on a value: refused."""
+    if mode == "none":
+        pytest.skip(f"no traced micro-step on the {BACKEND} backend")
     variables = _variables(cases.make_params())
     opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2, on_nonfinite="raise")
     opt.build(variables)
-
-    @tf.function(jit_compile=True)
-    def step(grads):
-        opt.apply(grads, variables)
-
+    step = _stepper(opt, variables, mode)
     grads = _tensors(cases.make_stream(cases.AccumCase("s", merge_grad=2, n_micro=1))[0][0])
-    with pytest.raises(RuntimeError, match="cannot raise inside an XLA"):
+    with pytest.raises(RuntimeError, match="`on_nonfinite='raise'` cannot raise inside"):
         step(grads)
     assert int(opt.micro_steps.numpy()) == 0
 
 
 @pytest.mark.slow
 def test_raise_inside_jit_compiled_fit_fails_at_trace_time():
+    if BACKEND == "torch":
+        pytest.skip("torch.compile runs the check eagerly, at a graph break")
     x, y = _data(16)
     model = _make_model()
     opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2, on_nonfinite="raise")
     model.compile(optimizer=opt, loss="mse", jit_compile=True)
     before = _values(model.trainable_weights)
-    with pytest.raises(RuntimeError, match="cannot raise inside an XLA"):
+    with pytest.raises(RuntimeError, match="`on_nonfinite='raise'` cannot raise inside"):
         model.fit(x, y, batch_size=8, verbose=0)
+    if BACKEND == "jax":
+        # Keras's JAX trainer takes the weights out of the variables before its
+        # first step and puts them back after its last: an error while its step
+        # is traced (any error: ours, or a model's) leaves them out.
+        return
     _same(_values(model.trainable_weights), before, what="weights")
 
 
@@ -489,7 +492,7 @@ def test_swap_ema_weights_context_manager_is_bit_exact(dtype):
     variables, opt = _trained_ema_variables(dtype)
     raw = [np.array(v.numpy()) for v in variables]
     ema = _ema(opt)
-    shown = [np.array(tf.cast(e, dtype).numpy()) for e in ema]
+    shown = [np.array(ops.convert_to_numpy(ops.cast(e, dtype))) for e in ema]
     assert not all(np.array_equal(r, s) for r, s in zip(raw, shown))
     for _ in range(3):  # round trips do not drift
         with opt.swap_ema_weights():
@@ -597,13 +600,23 @@ def test_swap_ema_callback_restores_raw_weights_when_evaluation_raises(failure):
         data = [_failing_batches(x, y) if method == "evaluate" else _failing_batches(x)]
         kwargs = {}
         # The generator's error may reach us wrapped by tf.data (InvalidArgumentError).
-        raises = pytest.raises((ValueError, tf.errors.OpError), match="data source failed")
+        errors = (ValueError,)
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            errors += (tf.errors.OpError,)
+        raises = pytest.raises(errors, match="data source failed")
     else:
         data = [x, y] if method == "evaluate" else [x]
         kwargs = {"batch_size": 8}
         raises = pytest.raises(RuntimeError, match="callback failed")
     with raises:
         getattr(model, method)(*data, verbose=0, callbacks=callbacks, **kwargs)
+    if BACKEND == "jax":
+        # Keras's JAX trainer keeps the weights in its state during a call and
+        # writes them back only at its end (or on a callback's request): after
+        # an error, nothing wrote them back yet.
+        model.jax_state_sync()
     # It failed while evaluating on the EMA: the first batch was computed with it.
     expected = _np_predict(ema, x[:8])
     if method == "evaluate":

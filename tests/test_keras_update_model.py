@@ -14,10 +14,17 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras_driver import BACKEND
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
 import keras_accum
 from keras_accum import AccumOptimizer, apply_deferred, update_model
+
+#: Their loss form records with `tf.GradientTape` (the gradients form runs on every
+#: backend: `test_keras_backends.py`).
+pytestmark = pytest.mark.tensorflow
 
 try:  # tests/ on sys.path (pytest's default "prepend" import mode)
     import reference as ref

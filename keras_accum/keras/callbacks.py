@@ -46,39 +46,36 @@ class SwapEMAWeights(keras.callbacks.Callback):
     """Evaluates and predicts on the EMA weights, then puts the raw weights back.
 
     The swap copies (it never adds and subtracts), so the raw weights come
-    back bit-exactly. On the TensorFlow and torch backends the EMA is held
-    only while the compiled test (or predict) function runs, one batch at a
-    time: Keras fetches predict batches, and runs callbacks, outside that
-    function, so an error there (a failing data source, a callback raising,
-    an interrupt) finds the raw weights in place. On JAX the trainer reads
-    the weights once, before the first batch, so the EMA is swapped in from
-    the start of the evaluation (or prediction) to its end.
+    back bit-exactly. The EMA is used only while the compiled test (or
+    predict) function runs, one call at a time: Keras fetches batches, and
+    runs callbacks, outside that function, so an error there (a failing data
+    source, a callback raising, an interrupt) finds the raw weights in place.
+    On the TensorFlow and torch backends the EMA is swapped into the
+    variables around each call; on JAX, where the function takes the
+    weights as values, each call is handed the EMA instead of the weights
+    and the variables are never written. Before the first update there is
+    no average yet, and the raw weights are used.
     """
 
     _ATTRS = ("test_function", "predict_function")
 
     def _wrap(self, opt):
-        if keras.backend.backend() == "jax":
-            opt.swap_in_ema()  # the trainer reads the weights once, after this
-            return
         for attr in self._ATTRS:
             fn = getattr(self.model, attr, None)
             if fn is None or getattr(fn, "_keras_accum_guarded", False):
                 continue
-
-            def on_ema(*args, _fn=fn, **kwargs):
-                opt.swap_in_ema()
-                try:
-                    return _fn(*args, **kwargs)
-                finally:
-                    opt.swap_out_ema()
-
+            if keras.backend.backend() == "jax":
+                on_ema = _handing_the_ema(opt, self.model, fn)
+            else:
+                on_ema = _swapping_the_ema_in(opt, fn)
             on_ema._keras_accum_guarded = True
             on_ema._keras_accum_original = fn
             setattr(self.model, attr, on_ema)
 
     def _unwrap(self):
-        _accum_optimizer(self.model).swap_out_ema()
+        opt = _accum_optimizer(self.model)
+        if keras.backend.backend() != "jax":
+            opt.swap_out_ema()
         for attr in self._ATTRS:
             fn = getattr(self.model, attr, None)
             if fn is not None and getattr(fn, "_keras_accum_guarded", False):
@@ -95,3 +92,41 @@ class SwapEMAWeights(keras.callbacks.Callback):
 
     def on_predict_end(self, logs=None):
         self._unwrap()
+
+
+def _swapping_the_ema_in(opt, fn):
+    """`fn`, run with the EMA swapped into the variables (TensorFlow, torch)."""
+
+    def on_ema(*args, **kwargs):
+        opt.swap_in_ema()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            opt.swap_out_ema()
+
+    return on_ema
+
+
+def _handing_the_ema(opt, model, fn):
+    """`fn(state, ...)` (JAX's trainer), handed the EMA in place of the weights.
+
+    The trainer's state starts with the trainable values, which the function
+    donates: it gets fresh copies of the EMA (in the variables' dtypes), and
+    the raw values go back into the state it returns.
+    """
+    import jax.numpy as jnp
+
+    from keras_accum.keras import _ema
+
+    def on_ema(state, *args, **kwargs):
+        if not _ema.ready(opt):
+            return fn(state, *args, **kwargs)
+        trainable = state[0]
+        shown = [
+            jnp.array(opt._ema[opt._get_variable_index(v)].value, dtype=v.dtype, copy=True)
+            for v in model.trainable_variables
+        ]
+        out, new_state = fn((shown, *state[1:]), *args, **kwargs)
+        return out, (trainable, *new_state[1:])
+
+    return on_ema

@@ -654,6 +654,79 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         elif closes:
             _close.close(self, present)
 
+    # --------------------------------------------------------------- stateless
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables, weight=None):
+        """One micro-step on values, for a jitted JAX step: returns the new values.
+
+        As Keras's `stateless_apply` (what `model.fit` calls on JAX), with the
+        micro-step's `weight`: `optimizer_variables` pairs with `variables` and
+        `trainable_variables` with the variables the optimizer was built on,
+        by position; nothing is assigned.
+
+        Args:
+            optimizer_variables: list of tensors, the values of `variables`.
+            grads: list of gradients, one per built variable (None allowed).
+            trainable_variables: list of tensors, the model's trainable values.
+            weight: optional micro-step weight (see `apply_gradients`).
+
+        Returns:
+            `(trainable_variables, optimizer_variables)`, the new values.
+
+        Example:
+
+        ```python
+        @jax.jit
+        def train_step(opt_values, train_values, x, y):
+            grads = jax.grad(loss_of)(train_values, x, y)
+            new_train, new_opt = opt.stateless_apply(opt_values, grads, train_values)
+            return new_opt, new_train
+        ```
+        """
+        return self._stateless(
+            lambda: self.apply(grads, weight=weight), optimizer_variables, trainable_variables
+        )
+
+    def stateless_flush(self, optimizer_variables, trainable_variables):
+        """`flush()` on values, for a jitted JAX step: returns the new values.
+
+        Args:
+            optimizer_variables: list of tensors, the values of `variables`.
+            trainable_variables: list of tensors, the model's trainable values.
+
+        Returns:
+            `(trainable_variables, optimizer_variables)`, the new values (the
+            same values when the window is empty).
+        """
+        return self._stateless(self.flush, optimizer_variables, trainable_variables)
+
+    def _stateless(self, run, optimizer_variables, trainable_variables):
+        self._plumbing.check_stateless(self)
+        if not self.built:
+            raise ValueError(
+                f"`stateless_apply` needs a built optimizer: call "
+                f"`optimizer.build(trainable_variables)` first ('{self.name}' is not built)."
+            )
+        variables = self.variables
+        if len(optimizer_variables) != len(variables):
+            raise ValueError(
+                f"`optimizer_variables` must hold one value per entry of `variables` "
+                f"({len(variables)}). Received: {len(optimizer_variables)} values"
+            )
+        if len(trainable_variables) != len(self._trainable_variables):
+            raise ValueError(
+                "`trainable_variables` must hold one value per variable the optimizer was "
+                f"built on ({len(self._trainable_variables)}). Received: "
+                f"{len(trainable_variables)} values"
+            )
+        mapping = list(zip(self._trainable_variables, trainable_variables))
+        mapping += list(zip(variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            run()
+        return (
+            [scope.get_current_value(v) for v in self._trainable_variables],
+            [scope.get_current_value(v) for v in variables],
+        )
+
     # ------------------------------------------------------------------- flush
     def flush(self):
         """Applies the open window now, with its true divisor (`window_weight`).

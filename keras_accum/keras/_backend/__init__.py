@@ -94,7 +94,12 @@ class Plumbing:
         """A checked tensor `weight` as a scalar of `dtype` (numbers are checked before)."""
         from keras_accum import _core
 
-        value = ops.convert_to_tensor(weight)
+        if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
+            raise TypeError(
+                "`weight` must be a finite number >= 0 (a sample or token count), or a "
+                f"scalar numeric tensor. Received: weight={weight!r}"
+            )
+        value = weight.value if isinstance(weight, keras.Variable) else weight
         if len(value.shape) != 0 or not _is_real_dtype(value.dtype):
             raise TypeError(
                 "`weight` must be a finite number >= 0 (a sample or token count), or a "
@@ -126,6 +131,9 @@ class Plumbing:
 
     def check_traced_raise(self) -> None:
         """Refuses `on_nonfinite="raise"` where a traced step cannot raise."""
+
+    def check_stateless(self, optimizer) -> None:
+        """Refuses `stateless_apply` where the backend's variables cannot take it."""
 
     def traced_step(self, run) -> None:
         """Runs `run()`, the traced micro-step (with any pending input checks first)."""

@@ -69,7 +69,10 @@ class Plumbing(base.Plumbing):
         return out
 
     def eager_step(self, run, closes, starts, grads, weight):
-        if not self.optimizer.jit_compile:
+        opt = self.optimizer
+        if not opt.jit_compile or (closes and opt.merge_grad == 1):
+            # `merge_grad=1`: every micro-step updates; op by op, as the inner
+            # optimizer runs alone in an eager loop, so the two are bit-identical.
             return run(grads, weight, closes=closes, starts=starts)
         variables = self.state_variables()
         key = (closes, starts, len(variables))

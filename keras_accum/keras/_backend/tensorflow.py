@@ -277,6 +277,12 @@ class Plumbing(base.Plumbing):
                 "Received: on_nonfinite='raise'"
             )
 
+    def check_stateless(self, optimizer):
+        raise ValueError(
+            "`stateless_apply` is not supported with the TensorFlow backend (as for Keras's "
+            "own optimizers: it is incompatible with tf.distribute); call `apply_gradients`."
+        )
+
     def traced_step(self, run):
         checks, self._pending_checks = self._pending_checks, []
         with tf.control_dependencies(checks):  # nothing moves before them
