@@ -8,6 +8,7 @@ step; a resume in a fresh process must give the uninterrupted run's weights.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import os
 import subprocess
@@ -295,3 +296,103 @@ def test_clipping_and_ema_momentum_may_change_between_save_and_resume():
     model2, opt2 = _small(merge_grad=2, use_ema=True, ema_momentum=0.5, clipnorm=1.0)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert opt2.window_steps == 1 and opt2.config.clipnorm == 1.0
+
+
+# -- a state dict written by the format-1 code (tests/data/README.md) --------------------------
+
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+_STORED = os.path.join(_DATA, "torch_format1_adamw_merge4_ema.pt")
+
+
+def _maker():
+    """tests/data/make_torch_state.py, the script that wrote the stored file."""
+    spec = importlib.util.spec_from_file_location(
+        "make_torch_state", os.path.join(_DATA, "make_torch_state.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_same_tree(actual, expected, where="state_dict") -> None:
+    """Equal nested dicts/lists; tensors equal bit for bit and in dtype."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_tree(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same_tree(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, where
+
+
+def _stored_run(stored, run, start: int, stop: int, model, opt) -> None:
+    for b in stored["batches"][start:stop]:
+        torch.nn.functional.mse_loss(model(b["x"]), b["y"]).backward()
+        opt.step(weight=b["weight"] if run["weighted"] else None)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["weighted", "grad"])
+def test_state_dict_stored_by_the_format_1_code_loads_and_resumes(mode):
+    """A mid-window state dict written by commit a0bbb76 (torch 2.13.0) loads and resumes.
+
+    The load is checked against the values stored in the same file (counters,
+    the open window where its mode keeps it, EMA, inner state; the dict
+    written again equals the dict read: the format is unchanged). The resumed
+    run is checked against the uninterrupted run replayed here from the
+    stored initial weights and micro-batches, and against the end state
+    stored in the file, to float32 round-off (the file may come from another
+    CPU).
+    """
+    make = _maker()
+    stored = _load(_STORED)
+    run = stored[mode]
+    saved = run["opt"]
+    accum = saved["accum"]
+
+    model = make.build()
+    model.load_state_dict(run["model"])
+    opt = make.make_optimizer(model)
+    opt.load_state_dict(copy.deepcopy(saved))
+    params = list(model.parameters())
+    assert (opt.iterations, opt.micro_steps, opt.window_steps, opt.skipped_updates) == (
+        int(accum["iterations"]),
+        int(accum["micro_steps"]),
+        int(accum["window_steps"]),
+        int(accum["skipped_updates"]),
+    )
+    assert opt.window_steps == 2 and opt.iterations == 1
+    assert opt.window_weight == float(accum["window_weight"])
+    for i, p in enumerate(params):
+        assert torch.equal(opt.state[p]["ema"], saved["state"][i]["ema"])
+        window = opt.state[p]["accumulator"] if run["weighted"] else p.grad
+        assert torch.equal(window, saved["state"][i]["accumulator"])
+        if not run["weighted"]:
+            assert "accumulator" not in opt.state[p]  # the window is back in `.grad`
+    _assert_same_tree(opt.inner_optimizer.state_dict()["state"], saved["inner"]["state"])
+    _assert_same_tree(opt.state_dict(), saved)
+
+    start, stop = int(stored["save_after"]), len(stored["batches"])
+    _stored_run(stored, run, start, stop, model, opt)
+
+    replay_model = make.build()
+    replay_model.load_state_dict(run["init"])
+    replay_opt = make.make_optimizer(replay_model)
+    _stored_run(stored, run, 0, stop, replay_model, replay_opt)
+
+    final = run["final"]
+    assert opt.iterations == replay_opt.iterations == final["iterations"] == 3
+    assert opt.micro_steps == replay_opt.micro_steps == final["micro_steps"]
+    close = dict(rtol=1e-5, atol=1e-6)
+    for i, ((name, p), q) in enumerate(zip(model.named_parameters(), replay_model.parameters())):
+        torch.testing.assert_close(p.detach(), q.detach(), **close)
+        torch.testing.assert_close(p.detach(), final["model"][name], **close)
+        torch.testing.assert_close(opt.state[p]["ema"], replay_opt.state[q]["ema"], **close)
+        torch.testing.assert_close(opt.state[p]["ema"], final["ema"][i], **close)
