@@ -2,7 +2,8 @@
 
 docs/semantics.md, points 9 to 11 (the torch part). The shadow of each
 parameter lives in `opt.state[p]["ema"]` (float32, float64 for float64
-parameters), moves after each update only, with the momentum
+parameters, complex64/complex128 for complex ones), moves after each update
+only, `ema = m * ema + (1 - m) * p` with the momentum
 `keras_accum._core.ema_decay` gives for the update count; swapping copies,
 so the raw parameters come back bit-exactly. Buffers are never touched.
 """
@@ -15,28 +16,34 @@ from keras_accum import _core
 from keras_accum.torch import _functional as F
 
 
-def update(opt, params: list) -> None:
+def update(opt, params: list, plan: tuple | None = None) -> None:
     """`ema = m * ema + (1 - m) * p` after an update (`iterations` already stepped).
 
-    Runs under `torch.no_grad()` (inside the update), so the parameters are
-    used as they are, not detached one by one.
+    Under `on_nonfinite="ignore"`, the formula as written (two foreach
+    passes: `ema *= m`, then `ema += (1 - m) * p`): an infinite weight is
+    then the formula's inf. Elsewhere the weights are finite (the window
+    passed the check), and one fused `lerp_(p, 1 - m)` computes the same
+    number to rounding at about half the cost; `lerp` computes `ema +
+    (1 - m) * (p - ema)`, NaN for an infinite weight (`inf - inf`).
+    `plan`: what `prepare` returned before the inner step (made here if
+    None). Runs under `torch.no_grad()` (inside the update), so the
+    parameters are used as they are, not detached one by one; allocates
+    nothing but what `lerp` of mixed dtypes needs (the shadows made for new
+    parameters are `prepare`'s).
     """
+    if plan is None:
+        plan = prepare(opt, params)
     cfg = opt._config
     m = _core.ema_decay(opt._iterations - 1, cfg.ema_momentum, cfg.ema_warmup)
-    plan = opt._ema_plan
-    if (
-        plan is None
-        or len(plan[0]) != len(params)
-        or any(a is not b for a, b in zip(plan[0], params))
-    ):
-        plan = make_plan(opt, params)
-    _, emas, ps, one_device = plan
+    formula = cfg.on_nonfinite == "ignore"
+    _, emas, ps, one_device, new = plan
+    for p, shadow in new:
+        # The first update (or a parameter added since): a copy.
+        opt.state[p]["ema"] = shadow.copy_(p)
     if not emas:
-        pass  # the first update: the copies `make_plan` made are the EMA
+        pass
     elif one_device and all(e.dtype is p.dtype for e, p in zip(emas, ps)):
-        # The common case, one call: lerp_(p, 1 - m) = ema + (1 - m) *
-        # (p - ema), one fused pass.
-        torch._foreach_lerp_(emas, ps, 1.0 - m)
+        _move(emas, ps, m, formula)  # the common case: one call per pass
     else:
         # One foreach call per (device, dtype): a mixed list would take
         # the per-tensor path of the CUDA kernels.
@@ -47,45 +54,64 @@ def update(opt, params: list) -> None:
             group[1].append(p)
         for (_, p_dtype, ema_dtype), (es, ps_) in groups.items():
             if p_dtype == ema_dtype:
-                torch._foreach_lerp_(es, ps_, 1.0 - m)
+                _move(es, ps_, m, formula)
             else:
-                # bf16/fp16 parameters: lerp needs one dtype, so upcast
-                # one parameter at a time (a list would hold a float32
-                # copy of all of them at once).
+                # bf16/fp16 parameters: one parameter at a time (a list
+                # would hold a float32 copy of all of them at once).
                 for e, p in zip(es, ps_):
-                    e.lerp_(p.to(ema_dtype), 1.0 - m)
+                    if formula:
+                        e.mul_(m).add_(p, alpha=1.0 - m)
+                    else:
+                        e.lerp_(p.to(ema_dtype), 1.0 - m)
     f = cfg.ema_overwrite_frequency
     if f is not None and opt._iterations % f == 0:
         for p in params:
             p.copy_(opt.state[p]["ema"])
 
 
-def make_plan(opt, params: list) -> tuple:
-    """The EMA update's lists: (params, their EMAs, the params with one, one device?).
+def _move(emas: list, ps: list, m: float, formula: bool) -> None:
+    """`ema = m * ema + (1 - m) * p` on lists of one dtype and device."""
+    if formula:
+        torch._foreach_mul_(emas, m)
+        torch._foreach_add_(emas, ps, alpha=1.0 - m)
+    else:
+        # lerp_(p, 1 - m) = ema + (1 - m) * (p - ema), one fused pass.
+        torch._foreach_lerp_(emas, ps, 1.0 - m)
 
-    Makes the EMA of a parameter that has none (the first update, or a
-    parameter added since): a copy, not updated this time. The plan is
-    kept for the next updates while no copy was made: looking each EMA up
-    by its parameter (a tensor hashed in Python) and checking dtypes and
-    devices cost about 16 us around a 90 to 150 us lerp at 1M parameters
-    (8 tensors). `load_state_dict` and unpickling, which replace the EMA
+
+def prepare(opt, params: list) -> tuple:
+    """The EMA update's plan, made before the inner step (so a failure changes nothing).
+
+    (params, their EMAs, the params with one, one device?, new): `new` holds
+    `(p, shadow)` for each parameter without an EMA (the first update, or a
+    parameter added since), a tensor `update` fills with the updated
+    parameter and stores; nothing is stored here. The plan is kept for the
+    next updates while no shadow was made: looking each EMA up by its
+    parameter (a tensor hashed in Python) and checking dtypes and devices
+    cost about 16 us around a 90 to 150 us update at 1M parameters (8
+    tensors). `load_state_dict` and unpickling, which replace the EMA
     tensors, drop it; the dtypes are still checked at each update (a
     `model.half()` between updates).
     """
+    plan = opt._ema_plan
+    if (
+        plan is not None
+        and len(plan[0]) == len(params)
+        and all(a is b for a, b in zip(plan[0], params))
+    ):
+        return plan
     state = opt.state
-    emas, ps, made = [], [], False
+    emas, ps, new = [], [], []
     for p in params:
-        ema = state[p].get("ema")
+        ema = state[p].get("ema") if p in state else None
         if ema is None:
-            state[p]["ema"] = p.detach().to(
-                dtype=torch.promote_types(p.dtype, torch.float32), copy=True
-            )
-            made = True
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            new.append((p, torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)))
         else:
             emas.append(ema)
             ps.append(p)
-    plan = (tuple(params), emas, ps, bool(ps) and F.one_dtype_and_device(ps))
-    opt._ema_plan = None if made else plan
+    plan = (tuple(params), emas, ps, bool(ps) and F.one_dtype_and_device(ps), new)
+    opt._ema_plan = None if new else plan
     return plan
 
 

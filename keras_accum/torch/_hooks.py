@@ -28,15 +28,21 @@ Anything not driven by an `AccumOptimizer` runs the original code unchanged.
 
 Also here, the wrapper's own hook plumbing: `observe_step` runs torch's
 step-hook and profiler wrapper around `AccumOptimizer.step` only when
-something observes the step, and `on_owner` runs a method on the
-AccumOptimizer behind a proxy (Lightning's `LightningOptimizer`).
+something observes the step, `global_step_hooks_off` keeps torch's global
+step hooks from firing a second time for the inner optimizer's step inside
+an update (one `step()` call is one optimizer step to them), and `on_owner`
+runs a method on the AccumOptimizer behind a proxy (Lightning's
+`LightningOptimizer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
 from inspect import signature
 from typing import Any
 
@@ -272,3 +278,31 @@ def observe_step(cls: type) -> None:
 
     observed_step.hooked = True  # torch's `_patch_step_function`: already wrapped
     cls.step = observed_step
+
+
+@contextlib.contextmanager
+def global_step_hooks_off() -> Iterator[None]:
+    """Runs the inner optimizer's step without torch's global step hooks.
+
+    `register_optimizer_step_pre_hook`/`..._post_hook` hooks fire around every
+    optimizer step; they have fired around the wrapper's `step()` (the one
+    the caller made), and would fire again around the inner optimizer's
+    inside it: torch's `test_step_all_hooks` expects `[0, 1, 2, 5]` for one
+    step, not `[0, 1, 0, 5, 2, 5]`. The inner optimizer's own hooks still
+    fire. torch looks the global dicts up by name at each step, so they are
+    swapped for empty ones (and the same dicts put back, so their handles
+    keep working); another thread's optimizer stepping in that moment would
+    miss them.
+    """
+    pre = _optimizer_module._global_optimizer_pre_hooks
+    post = _optimizer_module._global_optimizer_post_hooks
+    if not pre and not post:
+        yield
+        return
+    _optimizer_module._global_optimizer_pre_hooks = OrderedDict()
+    _optimizer_module._global_optimizer_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        _optimizer_module._global_optimizer_pre_hooks = pre
+        _optimizer_module._global_optimizer_post_hooks = post

@@ -1,25 +1,40 @@
 """Saved state: `state_dict`/`load_state_dict`, their hooks, pickling and copies.
 
-docs/semantics.md, point 12 (the torch part). The layout (format version
-`keras_accum._core.FORMAT_VERSION`), tensors, numbers, strings, lists and
-dicts only, so that `torch.load(weights_only=True)` reads it:
+docs/semantics.md, point 12 (the torch part). The layout (`FORMAT_VERSION`),
+tensors, numbers, strings, lists and dicts only, so that
+`torch.load(weights_only=True)` reads it:
 
 * `state`, `param_groups`: the wrapper's per-parameter state (`"ema"`,
-  `"accumulator"`) and the shared groups, as torch packs them. A window
-  summed in `.grad` is saved here as `"accumulator"` (`.grad` is in no state
-  dict, and losing it would change the run).
+  `"accumulator"`) and the shared groups, as torch packs them, then one
+  more group, `MARKER_GROUP` (version 2). A window summed in `.grad` is
+  saved here as `"accumulator"` (`.grad` is in no state dict, and losing it
+  would change the run). Keys of `state` that are no parameter index (a
+  state-dict hook's) are kept and loaded as torch does.
 * `inner`: `inner_optimizer.state_dict()`, nested, never merged.
 * `accum`: format version, state signature, config, counters, the open
   window's weight sum and scale, whether micro-step weights are in use, and
   `last_grad_norm`.
 
-A load checks the signature (`_core.check_state_signature`) and the fit to
-the parameters (`check_fits`) before it changes anything.
+The dict is a snapshot of the window: its tensors are copies of the live
+ones, so a `backward()` or `step()` after `state_dict()` does not change it
+(the EMA and the inner optimizer's state are the live tensors, as in any
+torch optimizer's state dict: an update changes them).
+
+The marker group makes a plain optimizer's `load_state_dict` refuse the
+dict (torch checks the number of groups first: "loaded state dict has a
+different number of parameter groups") instead of loading the wrapper's
+per-parameter state as its own; `state_dict()["inner"]` is what a plain
+optimizer loads. A load checks the format, the signature
+(`_core.check_state_signature`) and the fit to the parameters
+(`check_fits`) before it changes anything; version 1 (no marker group)
+still loads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -29,10 +44,30 @@ import torch
 from keras_accum import _core
 from keras_accum.torch import _distribute, _hooks, _window
 
+#: Layout of the state dict. Version 1 had no `MARKER_GROUP`.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+#: The key of the last param group of a version-2 state dict, which holds
+#: no parameter: what it says is for a person reading the dict.
+MARKER_KEY = "keras_accum"
+MARKER_GROUP = {
+    "params": [],
+    MARKER_KEY: (
+        "AccumOptimizer state: load it with AccumOptimizer.load_state_dict; a plain "
+        "optimizer loads state_dict()['inner'] (this group makes a plain optimizer "
+        "refuse the whole dict)."
+    ),
+}
+
 #: Instance attributes that pickling and copies leave out: rebuilt (the
 #: kept `.grad` references, the EMA plan), or tied to this object (the owner
 #: reference, a scheduler's patch of `step`, the inner optimizer's groups).
 _NOT_PICKLED = ("param_groups", "step", "_grad_refs", "_ema_plan", _hooks.OWNER_ATTR)
+
+
+def signature(config, inner_class: str) -> dict:
+    """What the saved state means: the shared signature, this side's format version."""
+    return dict(config.state_signature(inner_class), format_version=FORMAT_VERSION)
 
 
 def state_dict(opt) -> dict[str, Any]:
@@ -41,19 +76,23 @@ def state_dict(opt) -> dict[str, Any]:
         _distribute.check_window_reduced(opt, "state_dict()")
     with base_hooks_off(opt, "_optimizer_state_dict_post_hooks"):
         sd = torch.optim.Optimizer.state_dict(opt)
+    # New dicts: torch's packed state shares each parameter's dict with
+    # `opt.state`, and the update removes the window's key from it.
+    sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+    sd["param_groups"].append(copy.deepcopy(MARKER_GROUP))
     params = opt._params()
     if opt._window_steps > 0:
         for i, grad in enumerate(_window.in_grad(opt, params)):
-            if grad is not None:
-                # A new dict: the packed state shares its dicts with opt.state.
-                # A copy: FSDP2's sharded `.grad` can be a view into a
-                # reduce buffer whose storage it later frees, which
-                # `torch.save` cannot write (an open window only).
-                grad = grad.detach().clone() if _distribute.is_dtensor(grad) else grad
-                sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": grad}
+            # Copies: the live window changes at the next backward() (in
+            # `.grad`) or step() (a side buffer), a snapshot must not; and
+            # FSDP2's sharded `.grad` can be a view into a reduce buffer whose
+            # storage it later frees, which `torch.save` cannot write.
+            window = grad if grad is not None else sd["state"].get(i, {}).get("accumulator")
+            if window is not None:
+                sd["state"][i] = {**sd["state"].get(i, {}), "accumulator": window.detach().clone()}
     sd["inner"] = opt.inner_optimizer.state_dict()
     sd["accum"] = {
-        "format_version": _core.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "signature": dict(opt._signature),
         "config": opt._config.to_dict(),
         "iterations": torch.tensor(opt._iterations, dtype=torch.int64),
@@ -105,11 +144,24 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
             "AccumOptimizer (no 'accum' section; nothing was loaded). To load a plain "
             "optimizer's state, use `opt.inner_optimizer.load_state_dict(...)`."
         )
-    _core.check_state_signature(accum["signature"], opt._signature)
+    saved = accum["signature"]
+    saved = json.loads(saved) if isinstance(saved, (str, bytes, bytearray)) else dict(saved)
+    version = saved.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ValueError(
+            "Cannot load optimizer state into AccumOptimizer: it was saved in state "
+            f"format version {version!r}, and this keras_accum reads versions "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))} (saved by a newer "
+            "keras_accum? nothing was loaded)."
+        )
+    _core.check_state_signature(saved, dict(opt._signature, format_version=version))
+    groups = state_dict["param_groups"]
+    if groups and isinstance(groups[-1], dict) and MARKER_KEY in groups[-1]:
+        state_dict["param_groups"] = groups = groups[:-1]
     params = opt._params()
     check_fits(opt, state_dict, params)
 
-    saved_own = {i: dict(s) for i, s in state_dict["state"].items()}
+    saved_own = {i: dict(s) for i, s in state_dict["state"].items() if isinstance(i, int)}
     with base_hooks_off(
         opt, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
     ):
@@ -214,7 +266,9 @@ def check_fits(opt, state_dict: dict, params: list) -> None:
                 "(nothing was loaded)."
             )
     for i, saved in state_dict["state"].items():
-        if not (isinstance(i, int) and 0 <= i < len(params)):
+        if not isinstance(i, int):
+            continue  # not a parameter's: kept as it is, as torch does
+        if not 0 <= i < len(params):
             raise ValueError(
                 f"Cannot load optimizer state: unknown parameter index {i!r} (nothing was loaded)."
             )

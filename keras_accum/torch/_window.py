@@ -31,6 +31,24 @@ def holds_sparse(p: torch.Tensor, state: Any) -> bool:
     return acc is not None and acc.is_sparse
 
 
+#: The accumulator dtype of a complex parameter, by `accumulator_dtype`: the
+#: complex type of those parts. There is no complex bfloat16, and torch's
+#: complex32 lacks most kernels, so both half types accumulate in complex64.
+_COMPLEX = {
+    torch.float16: torch.complex64,
+    torch.bfloat16: torch.complex64,
+    torch.float32: torch.complex64,
+    torch.float64: torch.complex128,
+}
+
+
+def acc_dtype(opt, p: torch.Tensor) -> torch.dtype:
+    """The dtype `p`'s window is summed in: `accumulator_dtype`, else `p`'s own."""
+    if opt._acc_dtype is None:
+        return p.dtype
+    return _COMPLEX[opt._acc_dtype] if p.is_complex() else opt._acc_dtype
+
+
 def buffered(opt, p: torch.Tensor) -> bool:
     """Whether `p` accumulates in a side buffer (else in `.grad`)."""
     return (
@@ -38,7 +56,7 @@ def buffered(opt, p: torch.Tensor) -> bool:
         # "raise": `.grad` holds only the checked micro-step, so a caught
         # error leaves the window exactly as it was before that micro-batch.
         or opt._config.on_nonfinite == "raise"
-        or (opt._acc_dtype is not None and p.dtype != opt._acc_dtype)
+        or (opt._acc_dtype is not None and p.dtype != acc_dtype(opt, p))
         # Sparse gradients (nn.Embedding(sparse=True)): autograd sums them
         # out of place, so the window is kept beside `.grad`, coalesced.
         or holds_sparse(p, opt.state)
@@ -119,14 +137,15 @@ def check_grads_kept(opt, params: list, grads: list) -> bool:
     return False
 
 
-def check_can_switch_to_buffers(opt, params: list) -> None:
-    """Refuses a first `weight` where the window so far cannot be weighted."""
-    if opt._window_steps > 0 and not all(buffered(opt, p) for p in params):
+def check_can_switch_to_buffers(opt) -> None:
+    """Refuses a first `weight` in the middle of a window (in every mode)."""
+    if opt._window_steps > 0:
         raise RuntimeError(
             "A micro-step `weight` was first passed at window position "
-            f"{opt._window_steps + 1} of {opt.merge_grad}, but the earlier micro-steps "
-            "of this window were summed inside `.grad`, where `w * g` cannot be formed. "
-            "Pass `weight` from the first micro-step of a window on (e.g. always)."
+            f"{opt._window_steps + 1} of {opt.merge_grad}: pass `weight` from the first "
+            "micro-step of a window on (e.g. always). By default the earlier micro-steps "
+            "of a window are summed inside `.grad`, where `w * g` cannot be formed, so "
+            "the rule holds in every mode. Nothing was changed."
         )
     if opt._unreduced:
         raise RuntimeError(
@@ -140,71 +159,96 @@ def accumulate(opt, params: list, w: float, grads: list, dense: bool = False) ->
     """Moves this micro-step's `w * .grad` into the side buffers (if any).
 
     `grads`: this micro-step's `.grad` tensors that are not None; `dense`:
-    known to be dense (the tensors the last step kept).
+    known to be dense (the tensors the last step kept). All-or-nothing: what
+    can fail (allocations) comes before the first change.
     """
     if grad_refs_only(opt) and (dense or not any(g.is_sparse for g in grads)):
         return  # Every window lives in `.grad`: autograd did the work.
-    move_to_buffers(opt, params, w)
+    sums, sparse = _add(opt, params, w, inplace=True)
+    for p, t in sums.items():
+        opt.state[p]["accumulator"] = t
+        p.grad = None  # The buffer holds it now; the next backward starts afresh.
+    if sparse:
+        opt._sparse_seen = True
 
 
 @torch.no_grad()
-def move_to_buffers(opt, params: list, w: float) -> None:
-    """The side-buffered parameters' `w * .grad`, into their buffers.
+def _add(opt, params: list, w: float, inplace: bool) -> tuple[dict, bool]:
+    """Each side-buffered parameter with a `.grad`: its buffer plus `w * .grad`.
 
-    A parameter's buffer exists from its first gradient in a window to
-    the window's end, so "has a buffer" is "was seen in this window".
+    Returns `{p: sum}` and whether a gradient was sparse. A parameter's
+    buffer exists from its first gradient in a window to the window's end
+    (so "has a buffer" is "was seen in this window"). `inplace`: existing
+    dense buffers are added into (after every new tensor is made, so that a
+    failed allocation changes nothing); else every sum is a new tensor.
     """
-    moved, groups = [], {}
+    sums, groups, sparse = {}, {}, False
     for p in params:
         g = p.grad
         if g is None or not buffered(opt, p):
             continue  # In `.grad` mode autograd has already accumulated.
-        state = opt.state[p]
-        buf = state.get("accumulator")
+        buf = opt.state[p].get("accumulator") if p in opt.state else None
+        dtype = acc_dtype(opt, p)
         if g.is_sparse:
-            opt._sparse_seen = True
+            sparse = True
             # Memory: the distinct rows the window touched; time: a
             # coalesce (sort) of this micro-step's rows into them.
-            g = g.to(opt._acc_dtype or g.dtype) * w
-            state["accumulator"] = (g if buf is None else buf + g).coalesce()
+            g = g.to(dtype) * w
+            sums[p] = (g if buf is None else buf + g).coalesce()
         elif buf is None:
             # The window's first gradient: the buffer starts as w * g, in
             # one pass. A new tensor: .grad may be a view into a DDP
             # bucket, so it is never taken over.
-            dtype = opt._acc_dtype or g.dtype
             if dtype == g.dtype:
-                state["accumulator"] = torch.mul(g, w)
+                sums[p] = torch.mul(g, w)
             else:
                 buf = g.to(dtype)
-                state["accumulator"] = buf if w == 1.0 else buf.mul_(w)
+                sums[p] = buf if w == 1.0 else buf.mul_(w)
         else:
-            groups.setdefault((buf.device, buf.dtype, g.dtype), []).append((buf, g))
-        moved.append(p)
+            groups.setdefault((buf.device, buf.dtype, g.dtype), []).append((p, buf, g))
     for group in groups.values():
-        bufs, gs = zip(*group)
-        torch._foreach_add_(list(bufs), list(gs), alpha=w)
-    for p in moved:
-        p.grad = None  # The buffer holds it now; the next backward starts afresh.
+        ps, bufs, gs = zip(*group)
+        if inplace:
+            torch._foreach_add_(list(bufs), list(gs), alpha=w)
+            out = bufs
+        else:
+            out = torch._foreach_add(list(bufs), list(gs), alpha=w)
+        sums.update(zip(ps, out))
+    return sums, sparse
 
 
-def accumulators(opt, params: list) -> tuple[list, list]:
-    """The window's accumulators and their parameters (seen ones only)."""
-    if grad_refs_only(opt):
-        # No side buffer can exist: the window is the `.grad`s (a sparse
-        # one sets `_sparse_seen` in `move_to_buffers`, before any close).
+def window_sums(opt, params: list, w: float | None, single: bool) -> tuple[list, list, bool]:
+    """The window's sums at its update, changing nothing: (sums, owners, sparse seen).
+
+    `w`: the closing micro-step's weight (its gradients still in `.grad`),
+    or None (a flush: nothing pending). `single`: the window is this
+    micro-step alone and its merged gradient is `g` itself (reduction
+    "mean": `w * g / w`), handed on as it came, sparse ones uncoalesced.
+    A sum is a parameter's `.grad` (default mode), its buffer, or a new
+    tensor (a buffer plus this micro-step's `w * g`); the update transforms
+    them out of place, so that an exception before the inner step leaves the
+    window as it was.
+    """
+    pending = w is not None
+    if pending:
         owners = [p for p in params if p.grad is not None]
-        return [p.grad for p in owners], owners
-    out, owners = [], []
+        grads = [p.grad for p in owners]
+        sparse = any(g.is_sparse for g in grads)
+        if single or (grad_refs_only(opt) and not sparse):
+            return grads, owners, sparse
+    added, sparse = _add(opt, params, w, inplace=False) if pending else ({}, False)
+    sums, owners = [], []
     for p in params:
-        if buffered(opt, p):
-            acc = opt.state.get(p, {}).get("accumulator")
-            if acc is not None:
-                out.append(acc)
-                owners.append(p)
-        elif p.grad is not None:
-            out.append(p.grad)
+        if p in added:
+            t = added[p]
+        elif buffered(opt, p):
+            t = opt.state[p].get("accumulator") if p in opt.state else None
+        else:
+            t = p.grad
+        if t is not None:
+            sums.append(t)
             owners.append(p)
-    return out, owners
+    return sums, owners, sparse
 
 
 @torch.no_grad()
@@ -222,8 +266,8 @@ def rescale(opt, old: torch.Tensor | None, new: torch.Tensor | None) -> None:
         return
     if torch.equal(new, old):
         return
-    window, _ = accumulators(opt, opt._params())
-    F.mul_(window, (new / old).to(torch.float32))
+    window, _, _ = window_sums(opt, opt._params(), None, False)
+    F.mul(window, (new / old).to(torch.float32), inplace=True)
     opt._window_scale = new.detach().clone()
 
 

@@ -84,11 +84,13 @@ class AccumOptimizer(torch.optim.Optimizer):
       `weight`): autograd accumulates into `.grad` itself. No extra memory;
       a non-update `step()` does no tensor work at all (counters only), and
       `zero_grad()` keeps `.grad` until the window closes. An update adds one
-      in-place divide (skipped when the divisor is 1) and one norm read pass
+      divide (skipped when the divisor is 1) and one norm read pass
       (`last_grad_norm`, which also decides the non-finite check). With
       `clipnorm`/`global_clipnorm` on float32/float64 gradients the divide
       rides on the clipping's multiply: no pass beyond
-      `clip_grad_norm_`'s.
+      `clip_grad_norm_`'s. The update's first transform writes new tensors
+      (one gradient-sized temporary while the inner optimizer steps), so
+      that an exception anywhere in it leaves the window as it was.
     * A side buffer, per parameter, in `accumulator_dtype` (e.g. float32 for
       bfloat16 parameters), or in the parameter dtype once a micro-step
       `weight` is passed (`w * g` cannot be formed inside a `.grad` that
@@ -99,7 +101,8 @@ class AccumOptimizer(torch.optim.Optimizer):
       (`buf = w * g` at the window's first, `buf += w * g` after); `step()`
       moves `.grad` into the buffer and sets `.grad = None`. At the update a
       buffer of the parameter's dtype becomes the `.grad` handed on (no
-      copy); another dtype costs one cast copy.
+      copy); another dtype costs one cast copy. A complex parameter's
+      buffer is complex (complex128 for float64, else complex64).
     * `on_nonfinite="raise"`: one min/max read pass and a host sync per
       micro-step, and side buffers in the parameter dtype, so that `.grad`
       holds only the micro-step being checked: after a caught
@@ -114,8 +117,17 @@ class AccumOptimizer(torch.optim.Optimizer):
       silently dropped window.
     * A window whose `weight`s sum to 0 holds no samples: it applies
       nothing and is not counted as an update (nor as a skip).
-    * `use_ema`: one float32 (float64 for float64 params) copy of every
-      parameter, and one foreach `lerp_` per update.
+    * `use_ema`: one float32 (float64 for float64 params, complex for
+      complex ones) copy of every parameter, and one foreach `lerp_` per
+      update (two passes, `ema *= m; ema += (1 - m) * p`, under
+      `on_nonfinite="ignore"`, where a weight may be infinite).
+
+    Every `step()` (and `flush()`) is all or nothing: whatever raises inside
+    it (a check, the merge, the inner optimizer's step) leaves the window,
+    `.grad`, the counters and this optimizer's state as they were before the
+    call. Complex parameters work with every option: the finite check and
+    `clipvalue` act on the real and imaginary parts, norms are those of
+    `|g|`.
 
     The EMA covers exactly the parameters in the optimizer's param groups
     (Keras: the trainable variables). Buffers (BatchNorm running statistics,
@@ -170,8 +182,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         TypeError: `optimizer` is not a `torch.optim.Optimizer`, or an
             argument of the wrong kind (`merge_grad="4"`).
         ValueError: a bad value, an `AccumOptimizer` or LBFGS as `optimizer`,
-            an `optimizer` already wrapped by another AccumOptimizer, or both
-            `clipnorm` and `global_clipnorm`.
+            an `optimizer` already wrapped by another AccumOptimizer, both
+            `clipnorm` and `global_clipnorm`, or an `optimizer` with
+            `differentiable=True` and `merge_grad > 1` or a clip (the merge
+            and the clip run outside autograd).
 
     Example:
 
@@ -246,12 +260,25 @@ class AccumOptimizer(torch.optim.Optimizer):
             global_clipnorm=global_clipnorm,
             on_nonfinite=on_nonfinite,
         )
+        if (config.merge_grad > 1 or config.clips) and any(
+            g.get("differentiable", False) for g in optimizer.param_groups
+        ):
+            # The merge and the clip run outside autograd: the update's value
+            # would be right and its derivative wrong (or an in-place error).
+            raise ValueError(
+                "`optimizer` must not have `differentiable=True` unless merge_grad=1 and no "
+                "clipping is set: AccumOptimizer merges and clips the gradients outside "
+                "autograd, so the derivative of the update with respect to them would be "
+                f"wrong. Received: optimizer with differentiable=True, merge_grad="
+                f"{config.merge_grad}, clipnorm={config.clipnorm}, clipvalue="
+                f"{config.clipvalue}, global_clipnorm={config.global_clipnorm}"
+            )
         self.inner_optimizer = optimizer
         self._config = config
         self._acc_dtype = (
             None if config.accumulator_dtype is None else _NAME_DTYPES[config.accumulator_dtype]
         )
-        self._signature = config.state_signature(type(optimizer).__name__)
+        self._signature = _state.signature(config, type(optimizer).__name__)
         # The base constructor runs hooks set-up and add_param_group for the
         # inner optimizer's groups (the dicts themselves, so they are shared);
         # then the list itself is shared, so a later add_param_group on either
@@ -350,8 +377,11 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
-        """Global L2 norm (float32 tensor) of the last merged gradient, before
-        clipping; inf/nan for a skipped window; None before the first window."""
+        """Global L2 norm of the last merged gradient, before clipping.
+
+        A float32 tensor (float64 when a gradient is float64); inf/nan for a
+        skipped window; None before the first window.
+        """
         return self._last_grad_norm
 
     @property
@@ -437,7 +467,13 @@ class AccumOptimizer(torch.optim.Optimizer):
                 middle of a window, a sparse gradient, `scaler.unscale_(opt)`,
                 a GradScaler used on only some micro-steps of a window, a step
                 while the EMA is swapped in, a `.grad` holding the window
-                replaced since the last step, e.g. by `model.zero_grad()`).
+                replaced since the last step, e.g. by `model.zero_grad()`, a
+                gradient transformed for a `differentiable=True` inner
+                optimizer); nothing changes.
+
+        Whatever raises, the inner optimizer's step included, leaves the
+        window, `.grad`, the counters and this optimizer's state as they
+        were before the call.
         """
         w = self._validate_weight(weight)
         _ema.check_not_swapped(self)
@@ -452,28 +488,35 @@ class AccumOptimizer(torch.optim.Optimizer):
         _distribute.check_sparse_reduced(self, grads)
         switch_to_buffers = weight is not None and not self._weighted
         if switch_to_buffers:
-            _window.check_can_switch_to_buffers(self, params)
+            _window.check_can_switch_to_buffers(self)
         scale = _loss_scale.scale(self, grad_scaler)
         if self.on_nonfinite == "raise" and scale is None:
             # Under a GradScaler, overflow is the scaler's business (it skips).
             _close.raise_if_nonfinite(self, grads, w)
 
+        if self._window_steps + 1 >= self._config.merge_grad:
+            # The update: all or nothing (see `_close`).
+            skipped, device = _close.close_window(
+                self, params, grad_scaler, w, scale, switch_to_buffers
+            )
+            _loss_scale.report(self, grad_scaler, True, skipped, device)
+            return loss
         # Validation done: state changes from here on.
         if switch_to_buffers:
             self._weighted = True
-        _window.accumulate(self, params, w, grads, dense=kept)
+        try:
+            _window.accumulate(self, params, w, grads, dense=kept)
+        except BaseException:
+            if switch_to_buffers:
+                self._weighted = False
+            raise
         _loss_scale.open_window(self, scale)
         self._micro_steps += 1
         self._window_steps += 1
         self._window_weight += w
         self._window_unsynced, self._unreduced = self._unreduced, False
-        closes = self._window_steps >= self._config.merge_grad
-        skipped, device = False, None
-        if closes:
-            skipped, device = _close.close_window(self, params, grad_scaler)
-        else:
-            _window.keep_grad_refs(self, params, all_grads)
-        _loss_scale.report(self, grad_scaler, closes, skipped, device)
+        _window.keep_grad_refs(self, params, all_grads)
+        _loss_scale.report(self, grad_scaler, False, False, None)
         return loss
 
     @staticmethod
@@ -498,7 +541,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         the open window stays in `.grad`/the buffers and in `state_dict()`.
         A flushed update counts like any other (`iterations`, schedulers,
         EMA); under a GradScaler the window is unscaled with the scale it was
-        accumulated at.
+        accumulated at. Afterwards every accumulator is clear, `.grad`
+        included (set to None, as `zero_grad()` would), so that the next
+        backward starts the next window from nothing.
 
         Returns:
             True if a window was applied (or skipped by the non-finite
@@ -609,15 +654,23 @@ class AccumOptimizer(torch.optim.Optimizer):
 
         * `state`, `param_groups`: this optimizer's per-parameter state
           (`"ema"`, `"accumulator"`) and the shared groups, as torch packs
-          them. A window summed in `.grad` is saved here as `"accumulator"`
-          (`.grad` is in no state dict, and losing it would change the run).
-        * `inner`: `inner_optimizer.state_dict()`.
+          them, then one group without parameters that marks the dict as
+          ours: a plain optimizer's `load_state_dict` refuses the dict
+          ("different number of parameter groups") instead of taking our
+          per-parameter state for its own. A window summed in `.grad` is
+          saved here as `"accumulator"` (`.grad` is in no state dict, and
+          losing it would change the run).
+        * `inner`: `inner_optimizer.state_dict()`, what a plain optimizer
+          loads.
         * `accum`: format version, state signature, config, counters, the
           open window's weight sum, scale and seen parameters.
 
-        Save between micro-steps (after `step()`), as with any optimizer.
-        State-dict post-hooks run last, on the whole dict, as on a plain
-        optimizer (their result, if not None, is returned).
+        The window in it is a copy: a later `backward()` or `step()` does not
+        change the dict. The EMA and the inner optimizer's state are the
+        live tensors, as in any torch optimizer's state dict. Save between
+        micro-steps (after `step()`), as with any optimizer. State-dict
+        post-hooks run last, on the whole dict, as on a plain optimizer
+        (their result, if not None, is returned).
         """
         return _state.state_dict(self)
 
@@ -634,11 +687,16 @@ class AccumOptimizer(torch.optim.Optimizer):
         hyperparameters loaded are those of the top-level `param_groups` (the
         ones hooks see), for both optimizers.
 
+        State dicts of format version 1 (before the marker group) load too.
+        Keys of `state` that are no parameter index (a state-dict hook's)
+        are kept in `opt.state`, as torch does.
+
         Raises:
             ValueError: the state was not saved by an AccumOptimizer, was
                 saved by a differently configured one (another `merge_grad`,
-                `reduction`, `accumulator_dtype`, `use_ema` or inner class),
-                or does not fit the parameters.
+                `reduction`, `accumulator_dtype`, `use_ema` or inner class)
+                or in a format version this keras_accum does not read, or
+                does not fit the parameters.
         """
         _state.load_state_dict(self, state_dict)
 
