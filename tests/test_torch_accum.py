@@ -353,12 +353,14 @@ class _HostReads(TorchDispatchMode):
         ({"clipnorm": 1.0}, 1),
         ({"global_clipnorm": 1.0, "merge_grad": 4}, 1),
         ({"on_nonfinite": "ignore"}, 0),
-        ({"on_nonfinite": "ignore", "clipnorm": 1.0}, 0),
+        # A norm clip needs the true norm: one read decides the rare
+        # fallback for finite gradients whose squares overflow.
+        ({"on_nonfinite": "ignore", "clipnorm": 1.0}, 1),
     ],
 )
 def test_host_reads_per_micro_step(kwargs, reads):
-    # One host read per update for the skip check, none where it is off; a
-    # micro-step that does not update reads nothing.
+    # One host read per update for the skip check or a norm clip, none
+    # where both are off; a micro-step that does not update reads nothing.
     kwargs = {"merge_grad": 3, **kwargs}
     params = _torch_params([np.zeros(8, np.float32)])
     opt = AccumOptimizer(torch.optim.SGD(params, lr=0.1), **kwargs)
@@ -648,9 +650,13 @@ def test_hooks_fire():
             opt.step()
     finally:
         handle.remove()
+    # Global hooks fire once per step() call, the one the caller made, not
+    # again for the inner optimizer's step inside it (torch's
+    # test_step_all_hooks: one step, each hook once); the inner optimizer's
+    # own hooks fire at the update.
     assert seen == [
         "pre", "post", "global_AccumOptimizer",
-        "pre", "inner", "global_SGD", "post", "global_AccumOptimizer",
+        "pre", "inner", "post", "global_AccumOptimizer",
     ]  # fmt: skip
     seen.clear()
     opt.load_state_dict(opt.state_dict())
@@ -703,7 +709,7 @@ def test_hooks_see_the_call_as_made_and_profiler_labels_the_step():
             opt.step(weight=None)
     finally:
         handle.remove()
-    assert seen == ["AccumOptimizer", "AccumOptimizer", "SGD"]
+    assert seen == ["AccumOptimizer", "AccumOptimizer"]  # not again for the inner SGD
     # No hook now: the label still marks each micro-step while a profiler runs.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(2):

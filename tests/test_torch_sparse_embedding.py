@@ -369,3 +369,37 @@ def test_a_sparse_grad_left_on_a_parameter_across_a_load_is_not_taken_for_dense(
     assert opt.iterations == 1 and opt.skipped_updates == 0
     moved = (emb.weight.detach() != before).any(dim=1)
     assert moved.tolist() == [i in (1, 2, 3) for i in range(10)]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # torch's Adagrad
+@pytest.mark.parametrize("kwargs", [{}, {"on_nonfinite": "raise"}, {"use_ema": True}])
+@pytest.mark.parametrize("inner", ["sgd", "adagrad", "sparse_adam"])
+def test_merge1_hands_a_sparse_gradient_on_as_it_came(inner, kwargs):
+    """docs/semantics.md, point 1: merge_grad=1 is bit-identical to the inner optimizer alone.
+
+    A sparse gradient with duplicate rows is handed on uncoalesced, as
+    autograd made it; coalescing it first rounded the duplicates' sum
+    differently (2.4e-7 apart in float32 with plain SGD).
+    """
+    make = {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+        "sparse_adam": lambda ps: torch.optim.SparseAdam(ps, lr=0.1),
+    }[inner]
+    torch.manual_seed(0)
+    ours = torch.nn.Embedding(50, 8, sparse=True)
+    plain = torch.nn.Embedding(50, 8, sparse=True)
+    plain.load_state_dict(ours.state_dict())
+    opt = AccumOptimizer(make(list(ours.parameters())), merge_grad=1, **kwargs)
+    ref = make(list(plain.parameters()))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ids = torch.randint(0, 5, (200,), generator=g)  # many duplicate rows
+        upstream = torch.randn(200, 8, generator=g)
+        for module, o in ((ours, opt), (plain, ref)):
+            (module(ids) * upstream).sum().backward()
+            assert not module.weight.grad.is_coalesced()
+            o.step()
+            o.zero_grad()
+        assert torch.equal(ours.weight, plain.weight)
+    assert opt.iterations == 5

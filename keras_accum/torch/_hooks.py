@@ -25,18 +25,32 @@ hold gradients at two scales). So both are gated at the callee, narrowly:
   torch's FutureWarning about the `grad_scaler` keyword protocol we rely on.
 
 Anything not driven by an `AccumOptimizer` runs the original code unchanged.
+
+Also here, the wrapper's own hook plumbing: `observe_step` runs torch's
+step-hook and profiler wrapper around `AccumOptimizer.step` only when
+something observes the step, `global_step_hooks_off` keeps torch's global
+step hooks from firing a second time for the inner optimizer's step inside
+an update (one `step()` call is one optimizer step to them), and `on_owner`
+runs a method on the AccumOptimizer behind a proxy (Lightning's
+`LightningOptimizer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
 from inspect import signature
 from typing import Any
 
 import torch
+from torch.optim import optimizer as _optimizer_module
 from torch.optim.lr_scheduler import LRScheduler
+
+from keras_accum.torch import _window
 
 #: Attribute set on an AccumOptimizer (and on its inner optimizer): a weak
 #: reference to the AccumOptimizer that owns the update count.
@@ -135,7 +149,7 @@ def _gate_grad_scaler_update(update):
         old = None if not held or self._scale is None else self._scale.clone()
         result = update(self, new_scale)
         for owner in held:
-            owner._rescale_window(old, self._scale)
+            _window.rescale(owner, old, self._scale)
         return result
 
     # Never traced (GradScaler.update is a graph break anyway): reading our key
@@ -213,3 +227,82 @@ def install() -> None:
     scaler_cls.update = _gate_grad_scaler_update(scaler_cls.update)
     scaler_cls.step = _gate_grad_scaler_step(scaler_cls.step)
     _installed = True
+
+
+def on_owner(method):
+    """Runs `method` on the AccumOptimizer itself when called through a proxy.
+
+    Lightning's `LightningOptimizer` (what `self.optimizers()` returns) takes
+    our class as a base and forwards missing attributes to us, so a method
+    called on it would read our state but write its counters onto the proxy.
+    The owner reference (forwarded too) finds the real optimizer.
+    """
+
+    @functools.wraps(method)
+    def on_owner(self, *args, **kwargs):
+        owner = _owner(self)
+        if owner is not None and owner is not self:
+            return getattr(owner, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return on_owner
+
+
+def observe_step(cls: type) -> None:
+    """Gives `cls.step` torch's step hooks and profiler label, only when observed.
+
+    torch wraps every optimizer's `step` in its hook runner (step pre/post
+    hooks, a profiler label): about 16 us per call with none registered,
+    most of a micro-step that does not update, and several times that right
+    after a backward has emptied the caches. The AccumOptimizer calls that
+    same runner only when something observes the step: a hook (its own or
+    global) or a running profiler. A subclass that overrides `step` is
+    wrapped by torch as usual, and its `super().step()` then runs the body
+    alone (hooks run once).
+    """
+    unobserved_step = cls.step
+    hooked_step = torch.optim.Optimizer.profile_hook_step(unobserved_step)
+
+    @functools.wraps(unobserved_step)
+    @torch.compiler.disable
+    def observed_step(self, *args, **kwargs):
+        if type(self).step is observed_step and (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _optimizer_module._global_optimizer_pre_hooks
+            or _optimizer_module._global_optimizer_post_hooks
+            or torch._C._autograd._profiler_enabled()
+        ):
+            return hooked_step(self, *args, **kwargs)
+        return unobserved_step(self, *args, **kwargs)
+
+    observed_step.hooked = True  # torch's `_patch_step_function`: already wrapped
+    cls.step = observed_step
+
+
+@contextlib.contextmanager
+def global_step_hooks_off() -> Iterator[None]:
+    """Runs the inner optimizer's step without torch's global step hooks.
+
+    `register_optimizer_step_pre_hook`/`..._post_hook` hooks fire around every
+    optimizer step; they have fired around the wrapper's `step()` (the one
+    the caller made), and would fire again around the inner optimizer's
+    inside it: torch's `test_step_all_hooks` expects `[0, 1, 2, 5]` for one
+    step, not `[0, 1, 0, 5, 2, 5]`. The inner optimizer's own hooks still
+    fire. torch looks the global dicts up by name at each step, so they are
+    swapped for empty ones (and the same dicts put back, so their handles
+    keep working); another thread's optimizer stepping in that moment would
+    miss them.
+    """
+    pre = _optimizer_module._global_optimizer_pre_hooks
+    post = _optimizer_module._global_optimizer_post_hooks
+    if not pre and not post:
+        yield
+        return
+    _optimizer_module._global_optimizer_pre_hooks = OrderedDict()
+    _optimizer_module._global_optimizer_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        _optimizer_module._global_optimizer_pre_hooks = pre
+        _optimizer_module._global_optimizer_post_hooks = post
