@@ -17,7 +17,7 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.py)
     import cases
@@ -25,8 +25,12 @@ try:  # tests/ on sys.path (pytest's default "prepend" import mode, no __init__.
 except ImportError:  # tests/ as a package
     from tests import cases
     from tests import reference as ref
+from keras_driver import BACKEND, to_tensors
 from keras_driver import small_data as _data
 from keras_driver import small_model as _make_model
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
 
 from keras_accum import AccumOptimizer
 
@@ -51,7 +55,7 @@ def _variables(params, dtype="float32"):
 
 
 def _tensors(grads, dtype="float32"):
-    return [None if g is None else tf.constant(g, dtype=dtype) for g in grads]
+    return to_tensors(grads, dtype)
 
 
 def _values(variables):
@@ -132,19 +136,24 @@ def policy():
 
 @pytest.mark.parametrize("case", cases.CASES, ids=[c.id for c in cases.CASES])
 def test_jitted_step_matches_eager_step_and_oracle(case):
+    """The optimizer's own compiled eager step (XLA on TensorFlow, `jax.jit` on JAX;
+    torch has none) gives the numbers of the uncompiled one, and the oracle's."""
     jit_opt, jit_vars = _run_case(case, jit_compile=True)
     eager_opt, eager_vars = _run_case(case, jit_compile=False)
-    assert not eager_opt._plumbing._accumulate_jitted
-    # One XLA function for the micro-steps that neither open nor close a
-    # window (and for the first window's opening one: after the build the
-    # host reads the position, it has not seen a reset), traced once per
+    # TensorFlow: one XLA function for the micro-steps that neither open nor
+    # close a window (and for the first window's opening one: after the build
+    # the host reads the position, it has not seen a reset), traced once per
     # structure of the gradient list (which gradients are None); the opening
     # micro-step of later windows and the closing one run plain
     # tf.functions, also traced once per structure.
     structures = {tuple(g is None for g in grads) for grads, _ in cases.make_stream(case)}
-    if case.kwargs.get("merge_grad", 1) == 1:  # every micro-step updates
+    if BACKEND != "tensorflow":
+        pass
+    elif case.kwargs.get("merge_grad", 1) == 1:  # every micro-step updates
+        assert not eager_opt._plumbing._accumulate_jitted
         assert jit_opt._plumbing._accumulate_fn is None and jit_opt._plumbing._start_fn is None
     else:
+        assert not eager_opt._plumbing._accumulate_jitted
         assert 1 <= jit_opt._plumbing._start_fn.experimental_get_tracing_count() <= len(structures)
         assert jit_opt._plumbing._accumulate_jitted
         assert 1 <= jit_opt._plumbing._accumulate_fn.experimental_get_tracing_count() <= len(structures)
@@ -161,6 +170,7 @@ def test_jitted_step_matches_eager_step_and_oracle(case):
     assert jitted["counters"][:3] == (oracle.iterations, oracle.micro_steps, oracle.skipped_updates)
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_one_xla_trace_serves_every_non_update_micro_step(weighted):
     """Eager loop: the host knows the window position, so a micro-step that does
@@ -205,6 +215,7 @@ def test_one_xla_trace_serves_every_non_update_micro_step(weighted):
         assert touched & accumulators and not touched & forbidden
 
 
+@pytest.mark.tensorflow
 def test_user_tf_function_decides_compilation_and_traces_once():
     case = next(c for c in cases.CASES if c.id == "ema_merge4_warmup_overwrite2")
     variables = _variables(cases.make_params())
@@ -233,6 +244,7 @@ def _copies_of(hlo, shape):
     return len(re.findall(rf"= f32\[{dims}\]\{{[0-9,]*\}} copy\(", hlo))
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("on_nonfinite", ["skip", "ignore"])
 def test_xla_function_copies_no_state_and_matches_oracle(on_nonfinite):
     """Inside a user's `tf.function(jit_compile=True)` (as in `fit` with XLA) one
@@ -289,8 +301,9 @@ def test_fit_with_model_jit_compile_matches_large_batch():
     small_model = _fit(x, y, small, batch_size=8, jit_compile=True)
     # The large-batch run without XLA: one compile less, and XLA vs graph on the way.
     large_model = _fit(x, y, large, batch_size=32, jit_compile=False)
-    # The model's XLA-compiled train step ran ours; the optimizer made no function of its own.
-    assert small._plumbing._accumulate_fn is None and large._plumbing._accumulate_fn is None
+    if BACKEND == "tensorflow":
+        # The model's XLA-compiled train step ran ours; the optimizer made no function of its own.
+        assert small._plumbing._accumulate_fn is None and large._plumbing._accumulate_fn is None
     assert int(small.iterations.numpy()) == int(large.iterations.numpy()) == 4
     assert int(small.micro_steps.numpy()) == 16
     _close(_values(small_model.trainable_weights), _values(large_model.trainable_weights))
@@ -421,7 +434,7 @@ def test_many_tiny_bfloat16_gradients_do_not_stall(jit_compile, reduction, lr):
     opt = AccumOptimizer(
         keras.optimizers.SGD(lr), merge_grad=64, reduction=reduction, jit_compile=jit_compile
     )
-    grad = tf.constant(_TINY, dtype="bfloat16")
+    grad = ops.convert_to_tensor(_TINY, dtype="bfloat16")
     for _ in range(64):
         opt.apply_gradients([(grad, variable)])
     assert opt._accumulators[0].dtype == "float32"
@@ -430,7 +443,7 @@ def test_many_tiny_bfloat16_gradients_do_not_stall(jit_compile, reduction, lr):
         [np.ones(3, np.float32)], ref.RefSGD(lr), merge_grad=64, reduction=reduction
     )
     for _ in range(64):
-        oracle.step([grad.numpy().astype(np.float32)])
+        oracle.step([np.asarray(ops.convert_to_numpy(ops.cast(grad, "float32")))])
     got = variable.numpy().astype(np.float32)
     # Within bfloat16 rounding of the final weight: one ulp in [0.5, 1) is 2**-8.
     np.testing.assert_allclose(got, oracle.params[0], rtol=0, atol=2**-8)
@@ -454,7 +467,7 @@ def test_bfloat16_variable_ema_follows_the_stored_weights(jit_compile):
         use_ema=True,
         jit_compile=jit_compile,
     )
-    grad = tf.constant(_TINY, dtype="bfloat16")
+    grad = ops.convert_to_tensor(_TINY, dtype="bfloat16")
     for _ in range(64):
         opt.apply_gradients([(grad, variable)])
     (ema,) = opt.ema_variables

@@ -456,7 +456,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             trainable_variables = list(trainable_variables)
             _core.check_num_gradients(len(grads), len(trainable_variables))
             if not self.built:
-                with keras.name_scope(self.name, caller=self):
+                # In the building context (TensorFlow: lifted out of a traced
+                # function), a subclass's own `build` variables too.
+                with keras.name_scope(self.name, caller=self), plumbing.building(
+                    trainable_variables
+                ):
                     self.build(trainable_variables)
             aligned = [None] * len(self._trainable_variables)
             for g, i in zip(grads, self._indices_of(trainable_variables)):
