@@ -51,19 +51,23 @@ def _quiet_stderr():
 
 
 def import_keras_quietly():
-    """Imports Keras and TensorFlow without their start-up log lines; returns both.
+    """Imports Keras (and TensorFlow, on its backend) without start-up log lines.
 
     For the demo and the notebooks: `TF_CPP_MIN_LOG_LEVEL=3` (unless set), and
-    standard error silenced while TensorFlow loads and probes its devices.
-    Errors still show.
+    standard error silenced while the backend loads and probes its devices.
+    Errors still show. Returns `(keras, tf)`, `tf` None on the JAX and torch
+    backends (`KERAS_BACKEND`).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tf = None
     with _quiet_stderr():
         import keras
-        import tensorflow as tf
 
-        tf.get_logger().setLevel("ERROR")
-        tf.config.list_logical_devices()  # the device probe logs too
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")
+            tf.config.list_logical_devices()  # the device probe logs too
     try:
         from absl import logging as absl_logging
 
@@ -123,6 +127,7 @@ def _keras_runs(args):
             self.opt, self.updates, self.norms = opt, 0, []
 
         def on_train_batch_end(self, batch, logs=None):
+            _ = self.model  # JAX: puts the trainer's state back into the variables first
             if int(self.opt.iterations) > self.updates:
                 self.updates = int(self.opt.iterations)
                 self.norms.append(float(self.opt.last_grad_norm))
@@ -165,7 +170,7 @@ def _keras_runs(args):
     large_w, large_loss, large_opt, _ = train("large")
     builtin_w = train("builtin")[0] if not args.no_builtin else None
     return dict(
-        framework=f"Keras {keras.__version__}",
+        framework=f"Keras {keras.__version__} ({keras.backend.backend()} backend)",
         accum=(accum_w, accum_loss),
         large=(large_w, large_loss),
         builtin=builtin_w,

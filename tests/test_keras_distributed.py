@@ -508,6 +508,28 @@ def test_indexed_slices_with_tuple_indices_and_duplicates_are_summed():
     np.testing.assert_array_equal(v.numpy(), -2 * np.array([[0, 0], [6, 8], [0, 0], [3, 4]]))
 
 
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "plain"])
+def test_indexed_slices_of_a_new_number_of_rows_each_step_trace_at_most_twice(jit_compile):
+    """An eager loop over micro-batches of different lengths (a new number of rows
+    each time) must not trace a function per length: after a second length the
+    functions take any number of rows (`reduce_retracing`). Numbers: a NumPy sum."""
+    rng = np.random.default_rng(8)
+    v = keras.Variable(np.zeros((10, 3), np.float32))
+    opt = AccumOptimizer(keras.optimizers.SGD(1.0), merge_grad=4, reduction="sum",
+                         jit_compile=jit_compile)
+    expected = np.zeros((10, 3))
+    for rows in range(2, 14):  # 12 micro-steps, 12 lengths, 3 updates
+        ids = rng.integers(0, 10, rows)
+        values = rng.standard_normal((rows, 3)).astype(np.float32)
+        opt.apply_gradients([(tf.IndexedSlices(tf.constant(values), tf.constant(ids), (10, 3)), v)])
+        np.add.at(expected, ids, values)
+    plumbing = opt._plumbing
+    for fn in (plumbing._accumulate_fn, plumbing._start_fn, plumbing._update_fn):
+        assert fn is not None and fn.experimental_get_tracing_count() <= 2, fn
+    assert int(opt.iterations.numpy()) == 3
+    np.testing.assert_allclose(v.numpy(), -expected, rtol=1e-5, atol=1e-5)
+
+
 def _free_ports(n):
     import socket
 

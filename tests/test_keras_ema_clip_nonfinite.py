@@ -769,3 +769,74 @@ def test_fit_with_ema_and_clipping_matches_large_batch():
     # fit called finalize_variable_values: the final weights are the EMA, not the raw weights.
     _same(acc_final, _ema(acc_opt), what="final weights vs EMA")
     assert not all(np.array_equal(f, r) for f, r in zip(acc_final, acc_rec.raw[-1]))
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.0])
+def test_before_the_first_update_the_ema_is_the_weights(momentum):
+    """A built optimizer, no update yet: swapping in (e.g. a validation pass before
+    the first update) shows the raw weights, never the zero-initialised shadows,
+    and `finalize_variable_values` writes nothing."""
+    params = cases.make_params()
+    variables = _variables(params)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1), merge_grad=4, use_ema=True, ema_momentum=momentum,
+        jit_compile=False,
+    )
+    opt.build(variables)
+    grads = cases.make_stream(cases.AccumCase("s", merge_grad=4, n_micro=2))
+    for g, _ in grads:
+        opt.apply(_tensors(g), variables)  # an open window, no update
+    raw = _values(variables)
+    with opt.swap_ema_weights():
+        _same(_values(variables), raw, what="swapped in before the first update")
+    _same(_values(variables), raw, what="swapped out")
+    opt.finalize_variable_values(variables)
+    _same(_values(variables), raw, what="finalized before the first update")
+    # The first update still copies: the EMA is then the updated weights.
+    oracle = ref.RefAccum(params, ref.RefSGD(0.1), merge_grad=4, use_ema=True,
+                          ema_momentum=momentum)
+    for g, _ in cases.make_stream(cases.AccumCase("s", merge_grad=4, n_micro=4)):
+        oracle.step(g)
+    for g, _ in cases.make_stream(cases.AccumCase("s", merge_grad=4, n_micro=4))[2:]:
+        opt.apply(_tensors(g), variables)
+    _close(_ema(opt), oracle.ema, what="EMA after the first update")
+
+
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
+@pytest.mark.parametrize(
+    "merge_grad, scale",
+    [(1, 2.0**70), (4, 2.0**70), (2, 2.0**63)],
+    ids=["merge1-2**70", "merge4-2**70", "merge2-2**63"],
+)
+def test_finite_gradients_whose_squares_overflow_are_clipped_by_their_norm(
+    clip, merge_grad, scale
+):
+    """|g| > 1.8e19: `g ** 2` overflows float32 although the norm is a finite float32.
+    The norm (and the window sum's: two micro-steps of 2**63 sum to 2**64, whose
+    square overflows where the merged 2**63's does not) is taken without overflow,
+    so the clip applies the right scale instead of a zero update."""
+    shapes = [(3, 2), (2,)]
+    rng = np.random.default_rng(11)
+    micro = [
+        [(scale * rng.uniform(0.5, 1.0, s) * rng.choice([-1, 1], s)).astype(np.float32) for s in shapes]
+        for _ in range(merge_grad)
+    ]
+    variables = _variables([np.zeros(s, np.float32) for s in shapes])
+    opt = AccumOptimizer(keras.optimizers.SGD(1.0), merge_grad=merge_grad, jit_compile=False,
+                         **{clip: 1.0})
+    for grads in micro:
+        opt.apply(_tensors(grads), variables)
+    merged = [np.mean([m[i].astype(np.float64) for m in micro], axis=0) for i in range(len(shapes))]
+    norms = [np.sqrt(np.sum(g**2)) for g in merged]
+    total = np.sqrt(sum(n**2 for n in norms))
+    sums = [np.sum([m[i] for m in micro], axis=0, dtype=np.float32) for i in range(len(shapes))]
+    with np.errstate(over="ignore"):
+        squares = np.sum([np.sum(x * x, dtype=np.float32) for x in sums], dtype=np.float32)
+    assert np.isfinite(np.float32(total)) and not np.isfinite(squares)  # what the test is about
+    if clip == "global_clipnorm":
+        expected = [-g / total for g in merged]
+    else:
+        expected = [-g / n for g, n in zip(merged, norms)]
+    assert int(opt.iterations.numpy()) == 1 and int(opt.skipped_updates.numpy()) == 0
+    np.testing.assert_allclose(float(opt.last_grad_norm.numpy()), total, rtol=1e-6)
+    _close(_values(variables), [e.astype(np.float32) for e in expected], rtol=1e-5, atol=1e-7)

@@ -201,3 +201,31 @@ def test_a_window_of_zero_weights_applies_nothing_and_counts_nothing(reduction):
     for v, p in zip(variables, oracle.params):
         assert np.isfinite(v.numpy()).all()
         np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_float8_global_clipnorm_clips_by_the_gradients_norm_like_keras():
+    """float8 scaling state (scales, amax histories) is not a gradient: Keras leaves it
+    out of clipping, so must the norm that clips and is reported. With merge_grad=1
+    the step equals plain `SGD(global_clipnorm=1)`'s."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((16, 8)).astype(np.float32) * 3
+    y = rng.standard_normal((16, 2)).astype(np.float32) * 3
+    ours, plain, probe = _float8_model(), _float8_model(), _float8_model()
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), global_clipnorm=1.0, jit_compile=False)
+    ours.compile(optimizer=opt, loss="mse", jit_compile=False)
+    plain.compile(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=1.0), loss="mse",
+                  jit_compile=False)
+    # The gradients themselves: one unclipped step of SGD(lr=1) moves each weight by them.
+    probe.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse", jit_compile=False)
+    is_grad = [not v.overwrite_with_gradient for v in probe.trainable_variables]
+    before = [np.array(v.numpy()) for v in probe.trainable_variables]
+    probe.train_on_batch(x, y)
+    steps = [b - np.array(v.numpy()) for b, v, g in zip(before, probe.trainable_variables, is_grad) if g]
+    grad_norm = float(np.sqrt(sum(np.sum(s.astype(np.float64) ** 2) for s in steps)))
+    assert grad_norm > 1.0  # the clip is active
+    ours.train_on_batch(x, y)
+    plain.train_on_batch(x, y)
+    np.testing.assert_allclose(float(opt.last_grad_norm.numpy()), grad_norm, rtol=1e-4)
+    for a, b in zip(ours.trainable_variables, plain.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)

@@ -6,12 +6,15 @@ finite) is taken on that sum; a window that passes is merged
 (`sum(w * g) / sum(w)` or the sum), clipped, and handed to the inner
 optimizer in one call over every variable, after which the variables that
 got no gradient in the whole window get their value and their slots back;
-the EMA moves; the accumulators are reset. A non-finite window is skipped:
-nothing moves but `skipped_updates` (and a loss scale).
+the EMA moves. A non-finite window is skipped: nothing moves but
+`skipped_updates` (and a loss scale). Either way the accumulators are reset.
 
-Functions of the optimizer, written in `keras.ops`; every branch that writes
-state goes through `Plumbing.run_if`, every cross-replica step through the
-plumbing's distribution hooks.
+The update is written here as phases (`_Phases`: sums, decide, record,
+apply, reset), each in `keras.ops`; the backend's plumbing sequences them
+(`Plumbing.close_window`), because what keeps a traced update cheap differs:
+TensorFlow nests the phases in one conditional that all-reduces once, JAX
+runs them as flat 0-or-1-trip loops (a loop nested in another makes XLA copy
+the state it carries). The phases are the same rules either way.
 """
 
 from __future__ import annotations
@@ -25,42 +28,112 @@ from keras_accum.keras import _functional as F
 
 def build(opt, var_list) -> None:
     """The update's own state: `skipped_updates`, `last_grad_norm`; the inner slots' index."""
-    opt._skipped_updates = opt._plumbing.counter((), "int64", "skipped_updates")
+    opt._skipped_updates = opt._plumbing.counter((), opt._plumbing.count_dtype, "skipped_updates")
     opt._last_grad_norm = opt._plumbing.counter((), opt.accumulator_dtype, "last_grad_norm")
     opt._inner_slots = slots_by_variable(opt.inner_optimizer, var_list)
 
 
-def close(opt, present) -> None:
+def close(opt, present, closes=True) -> None:
     """The update: merge, check, clip, one inner step, EMA (or a skip), then reset.
 
-    Runs once for all replicas (cross-replica context under tf.distribute):
-    every decision is taken on the accumulators' sum over replicas, so every
-    replica takes the same one. `present[i]` is True when variable i is known
-    (at trace time) to have a gradient in this window; otherwise `seen`
-    decides at run time.
+    `closes`: True when the caller knows the window closes, else a traced
+    boolean (the step serves every micro-step). Runs once for all replicas
+    (cross-replica context under tf.distribute): every decision is taken on
+    the accumulators' sum over replicas. `present[i]` is True when variable
+    i is known (at trace time) to have a gradient in this window; otherwise
+    `seen` decides at run time.
     """
-    done = _close_window(opt, present)
-    _window.reset(opt, done)
+    opt._plumbing.close_window(closes, _Phases(opt, present))
 
 
-def _close_window(opt, present):
-    """Merge, check, clip, one inner step, EMA; nothing if the window weighs 0.
+class _Phases:
+    """The phases of an update, for `Plumbing.close_window` to sequence.
 
-    The decision needs the global norm first. It is taken from the summed
-    accumulators, then scaled, so that no full-size merged gradient exists
-    before it: the merged gradients are made in the branch that applies
-    them (peak temporaries about half the trainable bytes).
-
-    Returns what `run_if` returns for the step (see `Plumbing.zeros_after`).
+    `sums()` the accumulators summed over replicas; `decide(sums)` the
+    merged gradient's global norm and whether it is finite (pure: no
+    writes); `record(closes, norm, finite)` the counters, `last_grad_norm`
+    and the loss scale (scalar writes, no branch); `ok(finite)` whether the
+    window is applied; `apply(sums, norm)` merge, clip, one inner step, EMA,
+    returning what the reset must follow (`Plumbing.written`); `reset(after)`
+    empties the window.
     """
-    plumbing = opt._plumbing
-    sums = plumbing.sum_over_replicas(opt._accumulators)
-    scale = _loss_scale.scale_of(opt)
-    overwrite = [_window.overwrites_with_gradient(v) for v in opt._trainable_variables]
 
-    def merge():
+    def __init__(self, opt, present):
+        self.opt = opt
+        self.present = present
+        self.overwrite = [_window.overwrites_with_gradient(v) for v in opt._trainable_variables]
+
+    def sums(self):
+        return self.opt._plumbing.sum_over_replicas(self.opt._accumulators)
+
+    def decide(self, sums):
+        """`(norm, finite)` of the merged gradient, from the sums.
+
+        The norm is taken from the sums and then scaled, so that no full-size
+        merged gradient exists before the decision (never-seen accumulators
+        are exactly zero: they add nothing). float8 scaling state is not a
+        gradient: it is checked for finiteness, never counted in the norm
+        that clips and is reported (as Keras leaves it out of clipping).
+        """
+        opt = self.opt
+        norm, finite = F.norm_and_finite(
+            [x for x, over in zip(sums, self.overwrite) if not over],
+            opt._plumbing.sum_of_squares,
+        )
+        if opt.reduction == "mean":
+            norm = norm / ops.cast(opt._window_weight.value, norm.dtype)
+        scale = _loss_scale.scale_of(opt)
+        if scale is not None:
+            norm = norm / ops.cast(scale, norm.dtype)
+        if any(self.overwrite):
+            finite = ops.logical_and(
+                finite, F.all_finite([x for x, over in zip(sums, self.overwrite) if over])
+            )
+        return norm, finite
+
+    def norm_dtype(self) -> str:
+        return F.widest_dtype(
+            [a.dtype for a, over in zip(self.opt._accumulators, self.overwrite) if not over]
+            or ["float32"]
+        )
+
+    def _has_samples(self):
+        # A window whose weights sum to 0 holds no samples: nothing is
+        # applied or counted (a large batch of no samples takes no step).
+        return self.opt._window_weight.value > 0
+
+    def _checks(self) -> bool:
+        opt = self.opt
+        return opt.on_nonfinite == "skip" or _loss_scale.scaler(opt) is not None
+
+    def ok(self, finite):
+        """Whether the window is applied: it holds samples and (when checked) is finite."""
+        if self._checks():
+            return ops.logical_and(self._has_samples(), finite)
+        return self._has_samples()
+
+    def record(self, closes, norm, finite) -> None:
+        """`last_grad_norm`, `skipped_updates` and the loss scale, for a window that closes."""
+        opt = self.opt
+        closing = ops.logical_and(closes, self._has_samples())
+        last = opt._last_grad_norm.value
+        opt._last_grad_norm.assign(ops.where(closing, ops.cast(norm, last.dtype), last))
+        applied = ops.logical_and(closes, self.ok(finite))
+        if self._checks():
+            skipped = ops.logical_and(closing, ops.logical_not(finite))
+        else:
+            skipped = ops.convert_to_tensor(False)
+        opt._skipped_updates.assign(
+            opt._skipped_updates.value + ops.cast(skipped, opt._skipped_updates.dtype)
+        )
+        _loss_scale.after_window(opt, applied, skipped)
+
+    def merge(self, sums):
+        opt = self.opt
+        plumbing = opt._plumbing
+        scale = _loss_scale.scale_of(opt)
         merged = []
-        for acc_sum, over in zip(sums, overwrite):
+        for acc_sum, over in zip(sums, self.overwrite):
             g = acc_sum
             if not over:  # a float8 window maximum is never divided or unscaled
                 if opt.reduction == "mean":
@@ -72,71 +145,40 @@ def _close_window(opt, present):
             merged.append(g)
         return merged
 
-    # The global norm of the merged gradient, from the sums (never-seen
-    # accumulators are exactly zero: they add nothing). float8 scaling state
-    # is not a gradient: it is checked for finiteness, never counted in the
-    # norm that clips and is reported (as Keras leaves it out of clipping).
-    norm, finite = F.norm_and_finite(
-        [x for x, over in zip(sums, overwrite) if not over], plumbing.sum_of_squares
-    )
-    if opt.reduction == "mean":
-        norm = norm / ops.cast(opt._window_weight.value, norm.dtype)
-    if scale is not None:
-        norm = norm / ops.cast(scale, norm.dtype)
-    if any(overwrite):
-        finite = ops.logical_and(
-            finite, F.all_finite([x for x, over in zip(sums, overwrite) if over])
-        )
-    # A window whose weights sum to 0 holds no samples: nothing is applied
-    # or counted (a large batch of no samples takes no step).
-    has_samples = opt._window_weight.value > 0
-    last = opt._last_grad_norm.value
-    opt._last_grad_norm.assign(ops.where(has_samples, ops.cast(norm, last.dtype), last))
-    if opt.on_nonfinite == "skip" or scale is not None:
-        return plumbing.run_if(
-            ops.logical_and(has_samples, finite),
-            lambda: _apply_merged(opt, merge(), present, norm),
-            otherwise=lambda: plumbing.run_if(has_samples, lambda: _skip_window(opt)),
-        )
-    return plumbing.run_if(has_samples, lambda: _apply_merged(opt, merge(), present, norm))
-
-
-def _skip_window(opt) -> None:
-    opt._skipped_updates.assign(opt._skipped_updates.value + 1)
-    _loss_scale.after_overflow(opt)
-
-
-def _apply_merged(opt, merged, present, norm) -> None:
-    plumbing = opt._plumbing
-    variables = opt._trainable_variables
-    clipped = F.clip(merged, norm, opt._config, plumbing.sum_of_squares)
-    grads = [
-        plumbing.cast(g if _window.overwrites_with_gradient(v) else c, v.dtype)
-        for g, c, v in zip(merged, clipped, variables)
-    ]
-    # A variable without gradient at the closing micro-step may have one
-    # from earlier in the window (then its accumulator holds it), or none
-    # at all (then it must not move). One inner step over every variable
-    # keeps global inner state (step counter, Nadam's u-product) moving
-    # once; the never-seen ones then get their value and their slots back.
-    kept = [
-        (i, group, [plumbing.snapshot(x) for x in group])
-        for i, p in enumerate(present)
-        if not p
-        for group in [[variables[i]] + opt._inner_slots[i]]
-    ]
-    inner = opt.inner_optimizer
-    plumbing.in_each_replica(lambda g: inner.apply(g, variables), grads)
-    for i, group, values in kept:
-
-        def restore(group=group, values=values):
+    def apply(self, sums, norm):
+        """Merge, clip, one inner step over every variable, the never-seen restored, EMA."""
+        opt = self.opt
+        plumbing = opt._plumbing
+        variables = opt._trainable_variables
+        merged = self.merge(sums)
+        clipped = F.clip(merged, norm, opt._config, plumbing.sum_of_squares)
+        grads = [
+            plumbing.cast(g if over else c, v.dtype)
+            for g, c, v, over in zip(merged, clipped, variables, self.overwrite)
+        ]
+        # A variable without gradient at the closing micro-step may have one
+        # from earlier in the window (then its accumulator holds it), or none
+        # at all (then it must not move). One inner step over every variable
+        # keeps global inner state (step counter, Nadam's u-product) moving
+        # once; the never-seen ones then get their value and their slots back.
+        kept = [
+            (i, group, [plumbing.snapshot(x) for x in group])
+            for i, p in enumerate(self.present)
+            if not p
+            for group in [[variables[i]] + opt._inner_slots[i]]
+        ]
+        inner = opt.inner_optimizer
+        plumbing.in_each_replica(lambda g: inner.apply(g, variables), grads)
+        for i, group, values in kept:
+            seen = opt._seen.value[i] > 0
             for x, value in zip(group, values):
-                x.assign(value)
+                x.assign(ops.where(seen, x.value, value))
+        if opt.use_ema:
+            _ema.update(opt)
+        return plumbing.written(variables)
 
-        plumbing.run_if(opt._seen.value[i] <= 0, restore)
-    if opt.use_ema:
-        _ema.update(opt)
-    _loss_scale.after_finite(opt)
+    def reset(self, after) -> None:
+        _window.reset(self.opt, after)
 
 
 def slots_by_variable(inner, var_list) -> list:

@@ -67,18 +67,16 @@ def update(opt) -> None:
         ema.assign(m_ema * ema.value + (1.0 - m_ema) * plumbing.stored_value(v, ema.dtype))
     f = cfg.ema_overwrite_frequency
     if f is not None:
-        plumbing.run_if(ops.equal(opt.iterations % f, 0), lambda: _overwrite(opt))
+        # A select, not a branch: it runs inside the update's own branch.
+        overwrite = ops.equal(opt.iterations % f, 0)
+        for ema, v in zip(opt._ema, opt._trainable_variables):
+            v.assign(ops.where(overwrite, ops.cast(ema.value, v.dtype), v.value))
 
 
 def _window_widest(opt) -> str:
     from keras_accum.keras import _functional as F
 
     return F.widest_dtype([opt.accumulator_dtype] + [e.dtype for e in opt._ema])
-
-
-def _overwrite(opt) -> None:
-    for ema, v in zip(opt._ema, opt._trainable_variables):
-        v.assign(ops.cast(ema.value, v.dtype))
 
 
 def ready(opt) -> bool:

@@ -36,31 +36,24 @@ def scale_of(opt):
     return None if lso is None else lso.dynamic_scale.value
 
 
-def after_finite(opt) -> None:
-    """The scale's rule after a good update: x2 every `dynamic_growth_steps`."""
+def after_window(opt, applied, skipped) -> None:
+    """The scale's rule after a window that closed: x0.5 and the growth count reset
+    when it was skipped (an overflow), x2 after every `dynamic_growth_steps`
+    applied ones. `applied` and `skipped` are booleans (both False when the
+    window did not close); scalar selects, so no branch is needed."""
     lso = scaler(opt)
     if lso is None:
         return
-
-    def grow():
-        lso.step_counter.assign(ops.zeros_like(lso.step_counter.value))
-        lso.dynamic_scale.assign(lso.dynamic_scale.value * 2.0)
-
-    def count():
-        lso.step_counter.assign(lso.step_counter.value + 1)
-
-    opt._plumbing.run_if(
-        ops.equal(lso.step_counter.value, lso.dynamic_growth_steps - 1), grow, otherwise=count
+    counter, scale = lso.step_counter.value, lso.dynamic_scale.value
+    grow = ops.logical_and(applied, ops.equal(counter, lso.dynamic_growth_steps - 1))
+    restart = ops.logical_or(skipped, grow)
+    zero = ops.zeros_like(counter)
+    lso.step_counter.assign(
+        ops.where(restart, zero, ops.where(applied, counter + 1, counter))
     )
-
-
-def after_overflow(opt) -> None:
-    """The scale's rule after a skipped window: x0.5, growth count reset."""
-    lso = scaler(opt)
-    if lso is None:
-        return
-    lso.step_counter.assign(ops.zeros_like(lso.step_counter.value))
-    lso.dynamic_scale.assign(lso.dynamic_scale.value * 0.5)
+    lso.dynamic_scale.assign(
+        ops.where(skipped, scale * 0.5, ops.where(grow, scale * 2.0, scale))
+    )
 
 
 def state_variables(opt) -> list:

@@ -95,6 +95,35 @@ def _tensorflow(what: str):
     return tf
 
 
+def _deserialize_optimizer(config: dict, custom_objects):
+    """`keras.optimizers.deserialize`, also for the optimizers it does not list.
+
+    Keras 3.15's `deserialize` knows its optimizers from a fixed list that
+    lacks `Lamb`: given a Lamb config it returns the string `'Lamb'`. Such a
+    class is then found by its module (Keras 3 configs) or its name among
+    `keras.optimizers` (older ones).
+    """
+    from keras.src.saving import serialization_lib
+
+    optimizer = keras.optimizers.deserialize(config, custom_objects=custom_objects)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if "module" in config:
+        optimizer = serialization_lib.deserialize_keras_object(
+            config, custom_objects=custom_objects
+        )
+    else:
+        cls = getattr(keras.optimizers, str(config.get("class_name")), None)
+        if isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer):
+            optimizer = cls.from_config(config.get("config", {}))
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "`optimizer` must be a Keras optimizer config that Keras can deserialize. "
+            f"Received: optimizer={config!r}"
+        )
+    return optimizer
+
+
 def _inner_class_name(name: Any) -> Any:
     # TF 2.11/2.12 wrote the new optimizers as "Custom>Adam".
     if isinstance(name, str) and name.startswith("Custom>"):
@@ -320,9 +349,7 @@ class _SeedAPIMixin:
                     schedule, custom_objects=custom_objects
                 )
             inner["config"] = cfg
-            config["optimizer"] = keras.optimizers.deserialize(
-                inner, custom_objects=custom_objects
-            )
+            config["optimizer"] = _deserialize_optimizer(inner, custom_objects)
         else:
             if not _is_off(outer_lr):
                 raise ValueError(
@@ -330,7 +357,7 @@ class _SeedAPIMixin:
                     "holds it. " + _received("learning_rate", outer_lr)
                 )
             if isinstance(inner, dict):
-                inner = keras.optimizers.deserialize(inner, custom_objects=custom_objects)
+                inner = _deserialize_optimizer(inner, custom_objects)
             config["optimizer"] = inner
         return config
 

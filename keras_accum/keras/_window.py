@@ -50,8 +50,8 @@ def build(opt, var_list) -> None:
     # 1 where the variable got a gradient in the open window.
     opt._seen = counter((len(var_list),), "int32", "seen")
     opt._window_weight = counter((), acc_dtype, "window_weight")
-    opt._window_steps = counter((), "int64", "window_steps")
-    opt._micro_steps = counter((), "int64", "micro_steps")
+    opt._window_steps = counter((), plumbing.count_dtype, "window_steps")
+    opt._micro_steps = counter((), plumbing.count_dtype, "micro_steps")
 
 
 def accumulate(opt, grads, weight, starts) -> None:

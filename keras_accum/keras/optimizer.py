@@ -651,12 +651,10 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
     def _count_or_close(self, present, weight, closes):
         """Counts the micro-step, then closes the window if it is due (cross-replica)."""
         _window.count(self, present, weight)
-        if closes is None:
-            self._plumbing.run_if(
-                self._window_steps.value >= self.merge_grad, lambda: _close.close(self, present)
-            )
-        elif closes:
-            _close.close(self, present)
+        if closes is None:  # decided at run time
+            closes = self._window_steps.value >= self.merge_grad
+        if closes is not False:
+            _close.close(self, present, closes)
 
     # --------------------------------------------------------------- stateless
     def stateless_apply(self, optimizer_variables, grads, trainable_variables, weight=None):
@@ -754,9 +752,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             n = len(self._trainable_variables)
 
             def traced():
-                plumbing.run_if(
-                    self._window_steps.value > 0, lambda: _close.close(self, (False,) * n)
-                )
+                _close.close(self, (False,) * n, self._window_steps.value > 0)
 
             plumbing.in_cross_replica_context(traced)
             return None

@@ -30,6 +30,9 @@ class Plumbing:
         optimizer: the `AccumOptimizer` this plumbing serves.
     """
 
+    #: The dtype of the step counters (`micro_steps`, `window_steps`, ...).
+    count_dtype = "int64"
+
     def __init__(self, optimizer):
         self.optimizer = optimizer
 
@@ -166,6 +169,25 @@ class Plumbing:
             fn()
         elif otherwise is not None:
             otherwise()
+        return None
+
+    def close_window(self, closes, phases) -> None:
+        """Runs a window's update (`_close._Phases`) where `closes` holds.
+
+        The default, for a `closes` the host knows (a Python bool) or a
+        backend that branches in Python: sum, decide, record, apply if the
+        window passes, reset.
+        """
+        if not _as_bool(closes):
+            return
+        sums = phases.sums()
+        norm, finite = phases.decide(sums)
+        phases.record(True, norm, finite)
+        after = self.run_if(phases.ok(finite), lambda: phases.apply(sums, norm))
+        phases.reset(after)
+
+    def written(self, variables):
+        """What the reset after an update must follow (see `zeros_after`); None: program order."""
         return None
 
     def loop_variant(self, scalar):

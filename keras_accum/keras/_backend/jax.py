@@ -38,6 +38,10 @@ def _is_traced(value) -> bool:
 
 
 class Plumbing(base.Plumbing):
+    # Without `jax_enable_x64` JAX keeps int64 as int32 (and warns at each
+    # build); saved files load across backends either way (`_state.loadable`).
+    count_dtype = "int32"
+
     def __init__(self, optimizer):
         super().__init__(optimizer)
         self._jitted = {}
@@ -48,7 +52,7 @@ class Plumbing(base.Plumbing):
 
     # ------------------------------------------------------------------ steps
     def traced(self):
-        return _is_traced(self.optimizer._window_steps.value)
+        return self.tracing()
 
     def check_traced_raise(self):
         raise RuntimeError(
@@ -137,6 +141,64 @@ class Plumbing(base.Plumbing):
         )
         for v, value in zip(variables, new):
             v.assign(value)
+
+    def close_window(self, closes, phases):
+        """The update as flat 0-or-1-trip loops, the decision first.
+
+        Traced, the phases run as: the decision (norm, finite) in a
+        `lax.cond` that returns two scalars (the accumulators are read only
+        when the window closes, and no buffer passes through a branch); the
+        counters and the loss scale by scalar selects; then one loop that
+        applies and resets, and one that only resets (an empty or skipped
+        window). A loop nested in another would make XLA copy the state both
+        carry, on every micro-step; the reset's zeros are made from what the
+        inner step wrote (`written`), so that XLA orders them after the
+        reads of the accumulators instead of copying those first.
+        """
+        if closes is False:
+            return
+        if not self.tracing():
+            return super().close_window(closes, phases)
+        closes = jnp.asarray(closes)
+        dtype = phases.norm_dtype()
+        norm, finite = jax.lax.cond(
+            closes,
+            lambda: phases.decide(phases.sums()),
+            lambda: (jnp.zeros((), dtype), jnp.asarray(True)),
+        )
+        phases.record(closes, norm, finite)
+        applied = jnp.logical_and(closes, phases.ok(finite))
+        self._loop_if(applied, lambda: phases.reset(phases.apply(phases.sums(), norm)))
+        self._loop_if(
+            jnp.logical_and(closes, jnp.logical_not(applied)), lambda: phases.reset(norm)
+        )
+
+    def tracing(self) -> bool:
+        """Whether the running step is traced (inside `jax.jit`)."""
+        return _is_traced(self.optimizer._window_steps.value)
+
+    def written(self, variables):
+        """A scalar made from every variable just written (its first element, if finite)."""
+        parts = [
+            jnp.ravel(v.value)[0].astype(jnp.float32) for v in variables if v.value.size > 0
+        ]
+        token = sum(parts[1:], parts[0]) if parts else jnp.float32(0)
+        return jnp.where(jnp.isfinite(token), token, 0.0)
+
+    def zeros_after(self, variable, done, index):
+        """Zeros for `variable`, made from `done` (a scalar computed after the reads).
+
+        XLA updates a loop's state in place; zeros with no data dependency on
+        the reads of the accumulators may come first as far as it knows, so
+        it would copy every accumulator before the reset. `(done + index) * 0`
+        (which XLA does not fold for floats) orders them; `index` keeps the
+        fills of same-shape accumulators apart (equal fills would be merged
+        into one buffer and copied into each).
+        """
+        if done is None:
+            return super().zeros_after(variable, done, index)
+        done = jnp.where(jnp.isfinite(done), done, 0.0).astype(jnp.float32)
+        return jnp.full(variable.shape, (done + index) * 0, dtype=variable.dtype)
 
     def assert_finite(self, finite, micro_step):
         pass  # refused at trace time (`check_traced_raise`); eager steps raise on the host

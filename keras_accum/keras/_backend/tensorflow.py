@@ -395,6 +395,18 @@ class Plumbing(base.Plumbing):
             trips = trips + _xla_loop_if(tf.logical_not(pred), otherwise)
         return trips
 
+    def close_window(self, closes, phases):
+        """The update in one conditional on the window counter (when traced).
+
+        Nested inside it, the phases run in the default order: under a
+        strategy the accumulators are all-reduced once, at the update; under
+        XLA the branches are loops and the reset's zeros follow their trip
+        counts (`zeros_after`).
+        """
+        if isinstance(closes, bool) or (tf.executing_eagerly() and not tf.is_tensor(closes)):
+            return super().close_window(closes, phases)
+        self.run_if(closes, lambda: super(Plumbing, self).close_window(True, phases))
+
     def loop_variant(self, scalar):
         """`scalar`, unchanged, made to depend on the innermost `run_if` loop's counter.
 
