@@ -380,3 +380,39 @@ def test_the_keras_profile_names_the_kernels_of_each_micro_step():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "Received: --size 3M" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_jax_profile_counts_the_copies_and_times_each_position():
+    """`python -m benchmarks.profile_jax`: a smoke run on a tiny model.
+
+    Checks what it reports, never a timing: the floor's step copies nothing
+    and has no loop; ours closes its window in a while loop (a 0-or-1-trip
+    loop, so that a micro-step that does not update writes nothing back).
+    """
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_jax", "--size", "2k", "--windows", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    hlo = {line.split("full-size copies:")[0].strip(): line for line in out.splitlines()
+           if "full-size copies:" in line}  # fmt: skip
+    assert hlo["floor: bare accumulate"].endswith(
+        "full-size copies: 0 (none); while loops: 0; conditionals: 0"
+    )
+    assert int(hlo["AccumOptimizer(Adam)"].split("while loops: ")[1].split(";")[0]) >= 1
+    timings = out.split("by position in the window:\n", 1)[1].splitlines()[1:]
+    assert len(timings) == 4, out
+    for line, name in zip(timings, ("AccumOptimizer(Adam)", "plain Adam")):
+        assert line.strip().startswith(name)
+    positions = [float(t) for t in timings[0].split(")", 1)[1].split()[:4]]
+    assert all(t > 0 for t in positions), timings[0]
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_jax", "--size", "3M"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Received: --size 3M" in bad.stderr
