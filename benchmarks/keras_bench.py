@@ -20,6 +20,12 @@ loop with `jit_compile=True`, a plain `tf.function` otherwise, and inside
 Configurations measured together are interleaved window by window (one
 window = `merge_grad` micro-steps, the last one updates), so that a loaded
 machine slows them alike; each figure is the median over windows.
+
+Runs on Keras's TensorFlow backend. `AccumOptimizer(jit_compile=True)`
+compiles its eager micro-step with XLA only where a GPU or TPU is present;
+this section sets `KERAS_ACCUM_FORCE_XLA=1` (the runner sets it in the
+section's process), so that the eager "jit_compile=True" rows measure XLA on
+the CPU too, as they did before that rule.
 """
 
 from __future__ import annotations
@@ -33,23 +39,19 @@ import zipfile
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Read once, when keras_accum's TensorFlow plumbing is imported (see above).
+os.environ.setdefault("KERAS_ACCUM_FORCE_XLA", "1")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
-from keras_accum import AccumOptimizer  # noqa: E402
+from benchmarks import _keras_fit as F  # noqa: E402
+from keras_accum.keras._backend import tensorflow as tf_plumbing  # noqa: E402
 
 K = C.MERGE_GRAD
-LR = 1e-4
-
-
-def _adam(**kwargs):
-    return keras.optimizers.Adam(LR, **kwargs)
-
-
-def _accum(**kwargs):
-    return AccumOptimizer(_adam(), merge_grad=K, **kwargs)
+_adam, _accum = F.adam, F.accum
 
 
 def _variables(width, seed=0):
@@ -140,7 +142,7 @@ def _saved_optimizer_bytes(width, optimizer, folder):
     """Bytes of the optimizer's arrays in a `.keras` file (the inner optimizer's included)."""
     import h5py
 
-    model = _mlp(width, optimizer, jit_compile=False)
+    model = F.mlp(width, optimizer, jit_compile=False)
     optimizer.build(model.trainable_variables)
     path = os.path.join(folder, "model.keras")
     model.save(path)
@@ -286,66 +288,24 @@ def _optimizer_alone(width, repeats):
 
 
 # ------------------------------------------------------------------------- fit
-class _BatchTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def _mlp(width, optimizer, jit_compile):
-    keras.utils.set_random_seed(0)
-    layers = [keras.layers.Dense(width, activation="relu") for _ in range(C.LAYERS - 1)]
-    model = keras.Sequential([keras.Input((width,)), *layers, keras.layers.Dense(width)])
-    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
-    return model
-
-
-def _fit_stats(times, kind):
-    """Stats of one fit call of two windows: the first (iterator start-up) is dropped.
-
-    The second window is kept whole: its first micro-step is where a
-    window's accumulators start, and costs what it costs.
-    """
-    assert len(times) == 2 * K, times
-    kept = times[K:]
-    if kind != "accum":
-        return C.uniform_stats(kept, kind)
-    return C.window_stats(kept)
-
-
 def _fit(width, jit_compile, repeats):
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((2 * K * C.BATCH, width), dtype=np.float32)
-    y = rng.standard_normal((2 * K * C.BATCH, width), dtype=np.float32)
+    """`model.fit`, each batch timed by a callback (`_keras_fit`'s protocol)."""
+    x, y = F.fit_data(width)
     optimizers = {
         "accum": (_accum(), "accum"),
         "builtin": (_adam(gradient_accumulation_steps=K), "accum"),
         "plain": (_adam(), "update"),
         "floor": (_FloorOptimizer(), "non_update"),
     }
-    models = {name: _mlp(width, opt, jit_compile) for name, (opt, _) in optimizers.items()}
-
-    def run(model):
-        timer = _BatchTimer()
-        model.fit(x, y, batch_size=C.BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
-        return timer.times
-
-    for model in models.values():
-        run(model)  # trace, compile, create slots
-    per_repeat = {name: [] for name in models}
-    for name in C.interleaved(models, repeats):
-        per_repeat[name].append(_fit_stats(run(models[name]), optimizers[name][1]))
-    assert int(optimizers["accum"][0].window_steps.numpy()) == 0
+    runners = {
+        name: (F.fit_runner(F.mlp(width, opt, jit_compile), x, y), kind)
+        for name, (opt, kind) in optimizers.items()
+    }
+    stats = F.interleaved_runs(runners, repeats)
+    assert F.window_steps(optimizers["accum"][0]) == 0
     context = f"model.fit, jit_compile={jit_compile}"
-    out = [dict(context=context, row=n, **C.median_stats(r)) for n, r in per_repeat.items()]
-    del models, optimizers
+    out = [dict(context=context, row=n, **s) for n, s in stats.items()]
+    del runners, optimizers
     keras.backend.clear_session()
     gc.collect()
     return out
@@ -357,6 +317,11 @@ def main(argv=None):
         "--saved-state", action="store_true", help="also measure a .keras file (first size)"
     )
     args = parser.parse_args(argv)
+    if keras.backend.backend() != "tensorflow":
+        parser.error(
+            "the Keras section needs Keras's TensorFlow backend: set KERAS_BACKEND=tensorflow "
+            f"before Keras is imported. Received: KERAS_BACKEND={keras.backend.backend()}"
+        )
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -379,7 +344,16 @@ def main(argv=None):
         gc.collect()
         print(f"keras {size}: {time.perf_counter() - start:.1f} s", flush=True)
     threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
-    C.write_json(args.json, {"rows": rows, "memory": memory, "merge_grad": K, "threads": threads})
+    C.write_json(
+        args.json,
+        {
+            "rows": rows,
+            "memory": memory,
+            "merge_grad": K,
+            "threads": threads,
+            "xla_forced": tf_plumbing.FORCE_XLA,
+        },
+    )
     return 0
 
 

@@ -27,6 +27,36 @@ KERAS_ROWS = {
     # the eager rows (the eager target's reference, measured at the same time).
     "builtin_tf": "Adam(gradient_accumulation_steps=4) inside a tf.function",
 }
+# Keras on JAX (`jax_bench`): `fit` both ways, and Keras's documented custom loop.
+JAX_CONTEXTS = (
+    "model.fit, jit_compile=True",
+    "model.fit, jit_compile=False",
+    "jax.jit train step, stateless_apply",
+)
+JAX_ROWS = {
+    "accum": "AccumOptimizer(Adam)",
+    "builtin": "Adam(gradient_accumulation_steps=4)",
+    "plain": "plain Adam",
+    "optax": "optax MultiSteps(adam, every_k_schedule=4), jitted step",
+    "floor": "floor: bare accumulate",
+}
+# How the targets name the rows they divide by.
+_SHORT = {"plain": "plain Adam", "builtin": "built-in"}
+# Keras on torch (`keras_torch_bench`): `fit` as the torch backend runs it.
+KERAS_TORCH_CONTEXTS = ("model.fit (eager)",)
+KERAS_TORCH_ROWS = {
+    "accum": "AccumOptimizer(Adam)",
+    "builtin": "Adam(gradient_accumulation_steps=4)",
+    "plain": "plain Adam",
+    "floor": "floor: bare accumulate",
+}
+# The Keras sections of other backends than TensorFlow: results key, title,
+# contexts, row labels, and the packages they need (a section whose packages
+# are not installed is skipped by the runner, and said so here).
+BACKEND_SECTIONS = {
+    "jax": ("JAX", JAX_CONTEXTS, JAX_ROWS),
+    "keras_torch": ("Keras on torch", KERAS_TORCH_CONTEXTS, KERAS_TORCH_ROWS),
+}
 TORCH_CONTEXTS = (
     "training (forward, backward, step)",
     "optimizer alone (step, zero_grad)",
@@ -95,20 +125,28 @@ def _params(n):
 
 
 def keras_tables(results):
-    idx = _index(results["keras"]["rows"])
+    return optimizer_tables(results, "keras", "Keras", KERAS_CONTEXTS, KERAS_ROWS)
+
+
+def optimizer_tables(results, section, title, contexts, labels):
+    """One table per context of a Keras section: each row's times, and its ratios
+    to the floor, the built-in (ours only), plain Adam and optax (ours only,
+    where measured), all taken between rows of the same context and size."""
+    idx = _index(results[section]["rows"])
     sizes = results["sizes"]
-    params = {r["size"]: r["params"] for r in results["keras"]["rows"]}
+    params = {r["size"]: r["params"] for r in results[section]["rows"]}
+    with_optax = any(r["row"] == "optax" for r in results[section]["rows"])
     out = []
     header = [
         "params", "optimizer", "non-update ms", "update ms", "window ms",
         "non-update ÷ floor", "window ÷ floor",
         "non-update ÷ built-in", "update ÷ built-in", "window ÷ built-in",
         "update ÷ plain", "window ÷ plain",
-    ]  # fmt: skip
-    for context in KERAS_CONTEXTS:
+    ] + (["window ÷ optax"] if with_optax else [])  # fmt: skip
+    for context in contexts:
         rows = []
         for size in sizes:
-            for key, label in KERAS_ROWS.items():
+            for key, label in labels.items():
                 r = idx.get((context, key, size))
                 if r is None:
                     continue
@@ -118,16 +156,21 @@ def keras_tables(results):
                         return None
                     return _ratio(r[field], _get(idx, context, other, size, field))
 
-                rows.append([
+                ours = key == "accum"
+                row = [
                     _params(params[size]), label,
                     _ms(r["non_update"]), _ms(r["update"]), _ms(r["window"]),
                     _x(vs("floor", "non_update")), _x(vs("floor", "window")),
-                    _x(vs("builtin", "non_update") if key == "accum" else None),
-                    _x(vs("builtin", "update") if key == "accum" else None),
-                    _x(vs("builtin", "window") if key == "accum" else None),
+                    _x(vs("builtin", "non_update") if ours else None),
+                    _x(vs("builtin", "update") if ours else None),
+                    _x(vs("builtin", "window") if ours else None),
                     _x(vs("plain", "update")), _x(vs("plain", "window")),
-                ])  # fmt: skip
-        out += [f"### Keras, {context}", ""] + _table(header, rows) + [""]
+                ]  # fmt: skip
+                if with_optax:
+                    row.append(_x(vs("optax", "window") if ours else None))
+                rows.append(row)
+        if rows:
+            out += [f"### {title}, {context}", ""] + _table(header, rows) + [""]
     return out
 
 
@@ -206,9 +249,9 @@ def targets(results):
     out = []
 
     def add(text, limit, fn):
+        """`limit` None: a reference row, read beside the targets (met is None)."""
         values = {s: fn(s) for s in sizes}
-        known = [v for v in values.values() if v is not None]
-        out.append((text, limit, values, bool(known) and all(v <= limit for v in known)))
+        out.append((text, limit, values, _met(values, limit)))
 
     eager = "eager loop, jit_compile=True"
     add(
@@ -253,6 +296,26 @@ def targets(results):
     )  # fmt: skip
     mem = {(m["row"], m["size"]): m["extra"] for m in results["torch"]["memory"]}
     add("torch: extra bytes by default", 0, lambda s: mem.get(("accum", s)))
+    if "jax" in results:
+        j = _index(results["jax"]["rows"])
+        # The issue's targets for our `fit` on JAX, the trainer's jit on (JAX's
+        # default) and off; optax MultiSteps's own ratios as references.
+        for jit in (True, False):
+            fit = f"model.fit, jit_compile={jit}"
+            for base, limit in (("plain", 1.15), ("builtin", 0.5)):
+                add(
+                    f"JAX fit, jit_compile={jit}: window ÷ {_SHORT[base]}", limit,
+                    lambda s, c=fit, b=base: _ratio(_get(j, c, "accum", s, "window"),
+                                                    _get(j, c, b, s, "window")),
+                )  # fmt: skip
+        fit = "model.fit, jit_compile=True"
+        for base in ("plain", "builtin"):
+            add(
+                f"JAX fit, jit_compile=True, reference: optax MultiSteps window ÷ {_SHORT[base]}",
+                None,
+                lambda s, b=base: _ratio(_get(j, fit, "optax", s, "window"),
+                                         _get(j, fit, b, s, "window")),
+            )  # fmt: skip
     if len(sizes) >= 2:
         a, b = sizes[-2], sizes[-1]
         for context in KERAS_CONTEXTS:
@@ -271,6 +334,14 @@ def targets(results):
             LINEAR_SLACK, lambda s: _slope(t, train, "accum", a, b) if s == b else None,
         )  # fmt: skip
     return out
+
+
+def _met(values, limit):
+    """Whether every known value is within `limit` (None for a reference row)."""
+    if limit is None:
+        return None
+    known = [v for v in values.values() if v is not None]
+    return bool(known) and all(v <= limit for v in known)
 
 
 def _fmt(value):
@@ -298,7 +369,7 @@ def target_rows(results):
     per_run = results.get("per_run") or []
     if len(per_run) < 2:
         return [(text, limit, values, met, None, None) for text, limit, values, met in main]
-    runs = [targets(dict(results, keras=run["keras"], torch=run["torch"])) for run in per_run]
+    runs = [targets(dict(results, **run)) for run in per_run]
     out = []
     for i, (text, limit, _, _) in enumerate(main):
         values, spread = {}, {}
@@ -309,9 +380,8 @@ def target_rows(results):
             median = statistics.median_low if whole else statistics.median
             values[s] = median(seen) if seen else None
             spread[s] = (min(seen), max(seen)) if seen else None
-        known = [v for v in values.values() if v is not None]
-        met = bool(known) and all(v <= limit for v in known)
-        out.append((text, limit, values, met, spread, sum(run[i][3] for run in runs)))
+        runs_met = None if limit is None else sum(run[i][3] for run in runs)
+        out.append((text, limit, values, _met(values, limit), spread, runs_met))
     return out
 
 
@@ -333,9 +403,12 @@ def targets_table(results):
     several = len(results.get("per_run") or []) >= 2
     for text, limit, values, met, spread, runs_met in target_rows(results):
         cells = [_cell(values[s], spread[s] if spread else None) for s in sizes]
-        row = [text, f"<= {limit}", *cells, "met" if met else "**missed**"]
+        if limit is None:
+            row = [text, "—", *cells, "reference"]
+        else:
+            row = [text, f"<= {limit}", *cells, "met" if met else "**missed**"]
         if several:
-            row.append(f"{runs_met} of {len(results['per_run'])}")
+            row.append("—" if runs_met is None else f"{runs_met} of {len(results['per_run'])}")
         rows.append(row)
     header = ["target", "limit", *sizes, "result"] + (["runs met"] if several else [])
     return _table(header, rows)
@@ -349,7 +422,13 @@ def markdown(results):
         "",
         f"- Machine: {m['cores']} cores ({m['cpu']}), {m['system']}; intra-op threads: "
         f"TensorFlow {_threads(results['keras'].get('threads'))}, "
-        f"torch {results['torch'].get('threads', '?')}.",
+        f"torch {results['torch'].get('threads', '?')}"
+        + "".join(
+            f", {title} {_threads(results[key].get('threads'))}"
+            for key, (title, _, _) in BACKEND_SECTIONS.items()
+            if key in results
+        )
+        + ".",
         f"- Load average (1, 5, 15 min): {_load(m['load_start'])} at the start, "
         f"{_load(m['load_end'])} at the end."
         + (
@@ -359,10 +438,12 @@ def markdown(results):
             else ""
         ),
         f"- TensorFlow's CPU allocator: {m.get('tf_cpu_allocator', 'system malloc')}; "
-        f"glibc malloc, Keras section: {_malloc(m.get('malloc'))}; torch section: "
-        f"{_malloc(m.get('torch_malloc', m.get('malloc')))}.",
+        f"glibc malloc, Keras section: {_malloc(m.get('malloc'))}; "
+        f"{_malloc_sections(results)}: {_malloc(m.get('torch_malloc', m.get('malloc')))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
-        f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}.",
+        f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}"
+        + (f", JAX {m['jax']} (jaxlib {m['jaxlib']}), optax {m['optax']}" if "jax" in m else "")
+        + ".",
         f"- Commit: `{m['commit']}`; {m['date']}; {results['mode']} run, "
         f"{results['seconds']:.0f} s in all.",
         f"- merge_grad={results['merge_grad']}, batches of {results['batch']} for "
@@ -390,9 +471,18 @@ def markdown(results):
         "is XLA-compiled with `jit_compile=True`, a plain tf.function otherwise, and "
         "in fit an optimizer whose `apply` only adds the gradients into buffers. The "
         "eager tables' last row is the built-in inside a tf.function, interleaved with "
-        "the eager rows: the reference of the eager window target.",
+        "the eager rows: the reference of the eager window target."
+        + (
+            " AccumOptimizer's `jit_compile=True` compiles with XLA only where a GPU or "
+            "TPU is present; this section runs with `KERAS_ACCUM_FORCE_XLA=1`, so that "
+            "its eager `jit_compile=True` rows are XLA on the CPU too."
+            if results["keras"].get("xla_forced")
+            else ""
+        ),
         "",
         *keras_tables(results),
+        *jax_section(results),
+        *keras_torch_section(results),
         "## torch",
         "",
         "The hand-written loop: the same `AdamW(foreach=True)`, loss divided by k, "
@@ -415,6 +505,66 @@ def markdown(results):
         "",
     ]
     return "\n".join(lines)
+
+
+def _skipped(results, key):
+    """The runner's note for a section it did not run (its packages missing), or None."""
+    return (results.get("skipped") or {}).get(key)
+
+
+def jax_section(results):
+    if "jax" not in results and not _skipped(results, "jax"):
+        return []  # results written before the section existed
+    lines = ["## Keras on JAX", ""]
+    if "jax" not in results:
+        return lines + [f"Not run: {_skipped(results, 'jax')}.", ""]
+    repeats = results["jax"].get("repeats") or {}
+    lines += [
+        "`KERAS_BACKEND=jax`, in its own process. `model.fit` with the model's "
+        "`jit_compile=True` (JAX's default: the trainer jits its train step and donates "
+        "the state) and `False` (the step runs op by op; AccumOptimizer's own "
+        "`jit_compile=True` still jits its micro-step), the same micro-batches for every "
+        "row, each batch timed by a callback that waits for the batch's state. optax: "
+        "`optax.MultiSteps(optax.adam(lr), every_k_schedule=4)` in a `jax.jit` train step "
+        "(state donated) taking `jax.value_and_grad` of the same model through "
+        "`model.stateless_call`, then `optax.apply_updates`; a reference row, timed per "
+        "step. The floor: an optimizer whose `apply` only adds the gradients into "
+        "buffers. *jax.jit train step, stateless_apply*: the custom loop Keras documents "
+        "for JAX, a `jax.jit` step (no donation, as written there) calling "
+        "`optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)`. "
+        "Windows per size (jit on and the custom loop / jit off): "
+        + ", ".join(
+            f"{size}: {r['jit_compile=True']} / {r['jit_compile=False']}"
+            for size, r in repeats.items()
+        )
+        + ".",
+        "",
+    ]
+    title, contexts, labels = BACKEND_SECTIONS["jax"]
+    return lines + optimizer_tables(results, "jax", title, contexts, labels)
+
+
+def keras_torch_section(results):
+    if "keras_torch" not in results and not _skipped(results, "keras_torch"):
+        return []
+    lines = ["## Keras on torch", ""]
+    if "keras_torch" not in results:
+        return lines + [f"Not run: {_skipped(results, 'keras_torch')}.", ""]
+    lines += [
+        "`KERAS_BACKEND=torch`, in its own process: `model.fit` as the torch backend "
+        "runs it by default, eagerly (`jit_compile=False`), each batch timed by a "
+        "callback. The floor: an optimizer whose `apply` only adds the gradients into "
+        "buffers, in place (`add_`). No target: rows to read.",
+        "",
+    ]
+    title, contexts, labels = BACKEND_SECTIONS["keras_torch"]
+    return lines + optimizer_tables(results, "keras_torch", title, contexts, labels)
+
+
+def _malloc_sections(results):
+    names = ["torch section"]
+    names += [f"{BACKEND_SECTIONS[key][0]} section" for key in BACKEND_SECTIONS if key in results]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 def _runs_note(results):
@@ -450,20 +600,33 @@ def _repeats(results):
 
 
 def plot(results, path):
+    """One panel per Keras context of each backend's section, and one for torch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
-    k_idx = _index(results["keras"]["rows"])
+    panels = [("keras", "Keras", c, KERAS_ROWS) for c in KERAS_CONTEXTS]
+    for key, (title, contexts, labels) in BACKEND_SECTIONS.items():
+        if key in results:
+            panels += [(key, title, c, labels) for c in contexts]
+    columns = 3 if len(panels) + 1 <= 6 else 4
+    nrows = -(-(len(panels) + 1) // columns)
+    fig, axes = plt.subplots(
+        nrows, columns, figsize=(5 * columns, 4.25 * nrows), constrained_layout=True
+    )
     t_idx = _index(results["torch"]["rows"])
     sizes = results["sizes"]
-    styles = {"accum": "C0", "builtin": "C1", "plain": "C2", "floor": "C7", "builtin_tf": "C3"}
-    for ax, context in zip(axes.flat, KERAS_CONTEXTS):
-        for key, label in KERAS_ROWS.items():
-            pts = [k_idx.get((context, key, s)) for s in sizes]
+    styles = {
+        "accum": "C0", "builtin": "C1", "plain": "C2", "floor": "C7", "builtin_tf": "C3",
+        "optax": "C5",
+    }  # fmt: skip
+    used = list(axes.flat[: len(panels) + 1])
+    for ax, (section, title, context, labels) in zip(used, panels):
+        idx = _index(results[section]["rows"])
+        for key, label in labels.items():
+            pts = [idx.get((context, key, s)) for s in sizes]
             pts = [p for p in pts if p is not None]
             if not pts:
                 continue
@@ -474,8 +637,8 @@ def plot(results, path):
                     x, [p["non_update"] * 1e3 for p in pts], "x--", color=styles[key],
                     label=f"{label}, non-update",
                 )  # fmt: skip
-        ax.set_title(f"Keras, {context}", fontsize=10)
-    ax = axes.flat[-1]
+        ax.set_title(f"{title}, {context}", fontsize=10)
+    ax = used[-1]
     train, alone = "training (forward, backward, step)", "optimizer alone (step, zero_grad)"
     for context, marker in ((train, "o-"), (alone, "s--")):
         for key, color in (("hand", "C2"), ("accum", "C0"), ("accum_ema", "C4")):
@@ -487,9 +650,11 @@ def plot(results, path):
                     color=color, label=f"{TORCH_ROWS[key]}, {context.split(' (')[0]}",
                 )  # fmt: skip
     ax.set_title("torch, AdamW(foreach=True)", fontsize=10)
+    for ax in axes.flat[len(used) :]:
+        ax.set_visible(False)
     ticks = sorted({r["params"] for r in results["keras"]["rows"]})
     names = {r["params"]: r["size"] for r in results["keras"]["rows"]}
-    for ax in axes.flat:
+    for ax in used:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(ticks, [names[t] for t in ticks])

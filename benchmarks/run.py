@@ -1,9 +1,12 @@
-"""The runner: both sections, each in its own process, then `results.md`, `results.json`, `plot.png`.
+"""The runner: every section, each in its own process, then `results.md`, `results.json`, `plot.png`.
 
 `python -m benchmarks [--quick] [--out DIR] [--sizes 1M,10M] [--runs N]`, from
-the repository root. The full run measures 1M, 10M and 50M parameters; `--quick`
-uses tiny sizes and two windows (a smoke test: its timings mean nothing).
-`--runs N` runs both sections N times over, each time in fresh processes:
+the repository root. The sections: Keras on TensorFlow (`keras`), Keras on JAX
+(`jax`), Keras on torch (`keras_torch`) and torch (`torch`); Keras picks its
+backend once, at its first import, so each runs in a fresh process with its
+`KERAS_BACKEND`. The full run measures 1M, 10M and 50M parameters; `--quick`
+uses tiny sizes and few windows (a smoke test: its timings mean nothing).
+`--runs N` runs every section N times over, each time in fresh processes:
 the same ratio moves from one process to the next (where the allocator puts
 each tensor, what else the machine runs), and N runs show by how much.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +29,12 @@ from benchmarks import _common as C
 from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("keras", "torch")
+SECTIONS = ("keras", "jax", "keras_torch", "torch")
+# The Keras backend each Keras section runs on (its process's KERAS_BACKEND).
+KERAS_BACKENDS = {"keras": "tensorflow", "jax": "jax", "keras_torch": "torch"}
+# Sections that need packages beyond the test dependencies: skipped, and
+# said so in `results.md`, where one is not installed.
+OPTIONAL = {"jax": ("jax", "optax"), "keras_torch": ("torch",)}
 
 
 def _version(name):
@@ -77,6 +86,9 @@ def machine():
         "tensorflow": _version("tensorflow"),
         "keras": _version("keras"),
         "torch": _version("torch"),
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "optax": _version("optax"),
         "numpy": _version("numpy"),
         "commit": _commit(),
         # glibc's allocator settings change the cost of every fresh
@@ -98,9 +110,18 @@ def _start(section, sizes, args, path):
         command.append("--saved-state")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if section in KERAS_BACKENDS:
+        env["KERAS_BACKEND"] = KERAS_BACKENDS[section]
     if section == "keras":
         env[C.TF_BFC] = "true" if args.allocator == "steady" else "false"
+        # `jit_compile=True` compiles the eager micro-step with XLA only where a
+        # GPU or TPU is present; the eager "jit_compile=True" rows measure XLA
+        # on the CPU, as they did before that rule (keras_bench.py).
+        env["KERAS_ACCUM_FORCE_XLA"] = "1"
     elif args.allocator == "steady":
+        # torch allocates with glibc's malloc on the CPU, and so does XLA's
+        # CPU client (JAX): the same settings for the JAX and Keras-on-torch
+        # sections as for torch's.
         for key, value in C.STEADY_MALLOC.items():
             env.setdefault(key, value)  # the caller's own MALLOC_ settings win
     err = tempfile.TemporaryFile("w+")
@@ -123,14 +144,23 @@ def _finish(job):
         return json.load(f)
 
 
+def missing(section):
+    """The packages `section` needs that are not installed (none for most)."""
+    return [name for name in OPTIONAL.get(section, ()) if importlib.util.find_spec(name) is None]
+
+
 def _run_sections(args, folder):
     """Full run: one section at a time, so nothing else competes for the cores.
-    Quick run: every (section, size) in its own process at once (a smoke test:
-    its timings mean nothing, only its wall time matters)."""
+    Quick run: the Keras section's sizes each in its own process, every other
+    section in one, all at once (a smoke test: its timings mean nothing, only
+    its wall time matters; the JAX and Keras-on-torch sections run their first
+    size only)."""
+    sections = [s for s in SECTIONS if s not in args.skipped]
     if args.quick:
-        plan = [("keras", [s]) for s in args.all_sizes] + [("torch", args.all_sizes)]
+        plan = [("keras", [s]) for s in args.all_sizes]
+        plan += [(section, args.all_sizes) for section in sections if section != "keras"]
     else:
-        plan = [(section, args.all_sizes) for section in SECTIONS]
+        plan = [(section, args.all_sizes) for section in sections]
     paths = [os.path.join(folder, f"{sec}-{i}.json") for i, (sec, _) in enumerate(plan)]
     if args.quick:
         jobs = [_start(sec, sizes, args, p) for (sec, sizes), p in zip(plan, paths)]
@@ -157,17 +187,18 @@ def main(argv=None):
     parser.add_argument("--sizes", default=None, help="a subset of the sizes, e.g. 1M,10M")
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="intra-op threads for TensorFlow and torch (default: theirs, all cores)",
+        help="intra-op threads for TensorFlow and torch, Keras on torch included (default: "
+        "theirs, all cores); the JAX section runs with XLA's own default",
     )  # fmt: skip
     parser.add_argument(
         "--allocator", choices=("steady", "system"), default="steady",
         help="steady (default): TensorFlow's BFC allocator for the Keras section and "
-        "glibc's malloc keeping freed blocks in its heap for the torch section; "
-        "system: the system's malloc with its own settings for both",
+        "glibc's malloc keeping freed blocks in its heap for the others; "
+        "system: the system's malloc with its own settings for all",
     )  # fmt: skip
     parser.add_argument(
         "--runs", type=int, default=1,
-        help="run both sections this many times, each time in fresh processes (default 1); "
+        help="run every section this many times, each time in fresh processes (default 1); "
         "the tables give each timing's median over the runs, the targets the median of "
         "each run's own ratio and its range",
     )  # fmt: skip
@@ -195,6 +226,13 @@ def main(argv=None):
         "batch": C.BATCH,
     }
     args.all_sizes = sizes
+    args.skipped = {}
+    for section in SECTIONS:
+        needs = missing(section)
+        if needs:
+            args.skipped[section] = f"needs {', '.join(needs)}, not installed"
+            print(f"benchmarks: skipping the {section} section ({args.skipped[section]})")
+    results["skipped"] = args.skipped
     runs = []
     for i in range(args.runs):
         if args.runs > 1:
