@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import configparser
 import os
+import posixpath
 import re
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OUTSIDE = re.compile(r"\]\((\.\./)+(?P<path>(?!docs/)[^)#\s]+)(?P<anchor>#[^)]*)?\)")
+_RELATIVE = re.compile(r"\]\((?P<path>\.\./[^)#\s]*)(?P<anchor>#[^)]*)?\)")
 
 
 def repository_url() -> str:
@@ -33,6 +34,12 @@ def on_config(config):
 
 def on_page_markdown(markdown, page, config, files):
     url = repository_url()
-    return _OUTSIDE.sub(
-        lambda m: f"]({url}/blob/main/{m['path']}{m['anchor'] or ''})", markdown
-    )
+    here = posixpath.dirname(page.file.src_uri)
+
+    def fix(m):
+        target = posixpath.normpath(posixpath.join("docs", here, m["path"]))
+        if target.startswith("docs/"):
+            return m.group(0)  # a page of the site: mkdocs resolves it
+        return f"]({url}/blob/main/{target}{m['anchor'] or ''})"
+
+    return _RELATIVE.sub(fix, markdown)

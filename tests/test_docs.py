@@ -108,6 +108,11 @@ def test_mkdocs_build_strict(tmp_path):
         with open(page, encoding="utf-8") as f:
             html = f.read()
         assert 'href="None"' not in html, page
+        # A link between pages stays on the site; docs/_hooks.py sends only
+        # links to files outside docs/ to the repository, and they exist.
+        for target in re.findall(r'href="https?://[^"]*/blob/main/([^"#]+)', html):
+            assert not target.startswith("docs/"), (page, target)
+            assert os.path.exists(os.path.join(ROOT, target)), (page, target)
         assert "fonts.googleapis" not in html and "fonts.gstatic" not in html, page
     # The notebooks are pages with their plots; the changelog is CHANGELOG.md.
     with open(tmp_path / "notebooks" / "01_keras_quickstart" / "index.html", encoding="utf-8") as f:
