@@ -178,12 +178,24 @@ def check_num_gradients(num_grads: int, num_variables: int) -> None:
         )
 
 
+#: The wrapper's argument for each feature an inner optimizer may already have.
+WRAPPER_ARGUMENT = {"gradient_accumulation_steps": "merge_grad"}
+
+
 def inner_feature_error(feature: str, value: Any) -> ValueError:
-    """The error for an inner optimizer that already does one of our jobs."""
+    """The error for an inner optimizer that already does one of our jobs.
+
+    It names the wrapper's own argument (`merge_grad` for Keras's
+    `gradient_accumulation_steps`) and the one-line conversion, since the
+    inner optimizer's name for it is not ours.
+    """
+    ours = WRAPPER_ARGUMENT.get(feature, feature)
     return ValueError(
         f"The inner optimizer already has `{feature}={value!r}`; AccumOptimizer "
-        f"does this itself, once per update. Pass `{feature}` to AccumOptimizer "
-        f"and leave it off the inner optimizer. Received: optimizer with "
+        f"does this itself, once per update. Pass `{ours}={value!r}` to "
+        f"AccumOptimizer and leave `{feature}` off the inner optimizer, or convert "
+        "it in one line with `AccumOptimizer.from_keras_optimizer(optimizer)`, which "
+        f"moves every such setting to the wrapper. Received: optimizer with "
         f"{feature}={value!r}"
     )
 

@@ -1,38 +1,48 @@
-"""Every example in the README, in docs/*.md and in the docstrings runs.
+"""Every example in the README, on the documentation site and in the docstrings runs.
 
-Markdown: each ```python block runs in a fresh namespace, in a temporary
-directory. An HTML comment on the line just above the block (invisible on
-GitHub and on the documentation site) changes that; directives are separated
-by ";":
+Markdown (README.md, docs/**/*.md, notebooks/README.md): every ```python
+block is a complete program and runs as written, in a fresh `python` process,
+in an empty temporary directory, with nothing prepared: no hidden setup. Two
+conventions, both visible on the page:
 
-    <!-- example: setup keras-model -->   run the named setup (SETUPS below) first
-    <!-- example: continue -->            run in the namespace of the block above
-    <!-- example: requires accelerate --> skip when the module is not installed
-    <!-- example: skip (reason) -->       do not run (use sparingly)
-    <!-- example: subprocess -->          run in a fresh Python process (a block
-                                          that makes its own tf.distribute strategy:
-                                          two collective strategies in one process
-                                          can abort each other's ops)
+    # continuing from the block above    (its first line) the block runs after
+                                          the blocks above it on the page, in
+                                          the same process (their code first)
+    # needs: lightning                   (its first line, or the first line of
+                                          the chain it continues) the chain is
+                                          skipped when a module named there is
+                                          not installed (libraries that cannot
+                                          be installed beside Keras 3)
+
+The process gets the test run's environment (TF_CPP_MIN_LOG_LEVEL=2 against
+TensorFlow's start-up lines, PYTHONPATH with this checkout) and nothing else.
 
 Docstrings: the ```python blocks and `>>>` examples of every docstring in the
 package run, in order, in one namespace prepared by the setup of its side
 (`DOCSTRING_SETUPS`: torch for `keras_accum.torch`, Keras otherwise), so an
-`Example:` may use `model`, `x`, `y`, `opt`, ... as a reader would expect.
+API snippet's `Example:` may use `model`, `x`, `y`, `opt`, `loss_fn`, ... as a
+reader of that method expects; the setups are `_KERAS_MODEL` and
+`_TORCH_MODEL` below.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTINUE = "# continuing from the block above"
+_NEEDS = re.compile(r"^#\s*needs:\s*([\w.]+(?:\s*,\s*[\w.]+)*)")
 
 _KERAS_DATA = """
 import numpy as np
@@ -81,9 +91,8 @@ def evaluate(model):
 opt = AccumOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), merge_grad=2, use_ema=True)
 """
 
-#: Named setups for `<!-- example: setup NAME -->`.
+#: The setups of docstring examples (API snippets), by name.
 SETUPS = {
-    "keras-data": _KERAS_DATA,
     "keras-model": _KERAS_MODEL,
     "torch-model": _TORCH_MODEL,
 }
@@ -96,11 +105,10 @@ DOCSTRING_SETUPS = {
 }
 
 _FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
-_DIRECTIVE = re.compile(r"^\s*<!--\s*example:(.*?)-->\s*$")
 
 
 def _python_blocks(text: str):
-    """Yields (first line number of the code, code, directives) per ```python block."""
+    """Yields (first line number of the code, code) per ```python block."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -113,35 +121,85 @@ def _python_blocks(text: str):
         while j < len(lines) and not re.match(r"^\s*```\s*$", lines[j]):
             j += 1
         if lang == "python":
-            k = i - 1
-            while k >= 0 and not lines[k].strip():
-                k -= 1
-            d = _DIRECTIVE.match(lines[k]) if k >= 0 else None
-            directives = [s.strip() for s in d.group(1).split(";")] if d else []
-            yield start + 1, textwrap.dedent("\n".join(lines[start:j])), directives
+            yield start + 1, textwrap.dedent("\n".join(lines[start:j]))
         i = j + 1
 
 
 def _markdown_files():
-    files = [os.path.join(ROOT, "README.md")]
-    docs = os.path.join(ROOT, "docs")
-    files += sorted(os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
-    return files
+    files = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "notebooks", "README.md")]
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, "docs")):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("_"))
+        files += sorted(os.path.join(dirpath, f) for f in filenames if f.endswith(".md"))
+    return [f for f in files if not os.path.islink(os.path.dirname(f))]
+
+
+def _first_line(code: str) -> str:
+    return next((line.strip() for line in code.splitlines() if line.strip()), "")
 
 
 def _markdown_chains():
-    """One test per chain of blocks (a block and the `continue` blocks after it)."""
+    """One test per chain of blocks (a block and the continuing blocks after it)."""
     chains = []
     for path in _markdown_files():
         with open(path, encoding="utf-8") as f:
             text = f.read()
         rel = os.path.relpath(path, ROOT)
-        for line, code, directives in _python_blocks(text):
-            if "continue" in directives and chains and chains[-1]["file"] == rel:
-                chains[-1]["blocks"].append((line, code, directives))
+        for line, code in _python_blocks(text):
+            if _first_line(code) == CONTINUE:
+                assert chains and chains[-1]["file"] == rel, (
+                    f"{rel}:{line}: '{CONTINUE}' with no block above it on the page"
+                )
+                chains[-1]["blocks"].append((line, code))
             else:
-                chains.append({"file": rel, "blocks": [(line, code, directives)]})
+                chains.append({"file": rel, "blocks": [(line, code)]})
     return chains
+
+
+def _is_slow(code: str) -> bool:
+    # The house rule: a test that trains with `model.fit` or spawns processes is slow.
+    return any(s in code for s in (".fit(", ".evaluate(", ".predict(", "mp.spawn(", "Strategy("))
+
+
+def _chain_param(chain):
+    line = chain["blocks"][0][0]
+    code = "\n".join(b[1] for b in chain["blocks"])
+    marks = [pytest.mark.slow] if _is_slow(code) else []
+    return pytest.param(chain, id=f"{chain['file']}:{line}", marks=marks)
+
+
+@pytest.mark.parametrize("chain", [_chain_param(c) for c in _markdown_chains()])
+def test_markdown_example(chain, tmp_path):
+    needs = _NEEDS.match(_first_line(chain["blocks"][0][1]))
+    for name in needs.group(1).split(",") if needs else []:
+        if importlib.util.find_spec(name.strip()) is None:
+            pytest.skip(f"needs {name.strip()}, which is not installed")
+    # The blocks joined as they stand on the page, each at its own line number
+    # (tracebacks point at the Markdown file's lines).
+    lines = []
+    for line, code in chain["blocks"]:
+        lines += [""] * (line - 1 - len(lines))
+        lines += code.splitlines()
+    script = tmp_path / "example.py"
+    script.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300, stdin=subprocess.DEVNULL,
+    )
+    where = f"{chain['file']}:{chain['blocks'][0][0]}"
+    assert done.returncode == 0, f"{where}\n" + done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_markdown_has_no_hidden_setup():
+    """No block depends on code the reader cannot see (the old HTML-comment directives)."""
+    found = []
+    for path in _markdown_files():
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if re.search(r"<!--\s*example", line):
+                    found.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
 
 
 def _run(code: str, filename: str, first_line: int, namespace: dict) -> None:
@@ -153,52 +211,6 @@ def _setup(name: str) -> dict:
     namespace = {"__name__": "__example__"}
     exec(compile(SETUPS[name], f"<setup {name}>", "exec"), namespace)
     return namespace
-
-
-def _is_slow(code: str) -> bool:
-    # The house rule: a test that trains with `model.fit` is marked slow.
-    return any(s in code for s in (".fit(", ".evaluate(", ".predict("))
-
-
-def _chain_param(chain):
-    line = chain["blocks"][0][0]
-    code = "\n".join(b[1] for b in chain["blocks"])
-    marks = [pytest.mark.slow] if _is_slow(code) else []
-    return pytest.param(chain, id=f"{chain['file']}:{line}", marks=marks)
-
-
-@pytest.mark.parametrize("chain", [_chain_param(c) for c in _markdown_chains()])
-def test_markdown_example(chain, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__example__"}
-    for line, code, directives in chain["blocks"]:
-        for d in directives:
-            if d.startswith("skip"):
-                pytest.skip(f"marked not runnable: {d}")
-            if d.startswith("requires "):
-                pytest.importorskip(d.split(None, 1)[1])
-        for d in directives:
-            if d.startswith("setup "):
-                name = d.split(None, 1)[1]
-                assert name in SETUPS, f"unknown example setup {name!r} at {chain['file']}:{line}"
-                namespace.update(_setup(name))
-        if "subprocess" in directives:
-            _run_in_subprocess(code, tmp_path)
-            continue
-        _run(code, os.path.join(ROOT, chain["file"]), line, namespace)
-
-
-def _run_in_subprocess(code: str, cwd) -> None:
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ docstrings
@@ -244,7 +256,7 @@ def _docstring_examples():
             if not doc:
                 continue
             doc = inspect.cleandoc(doc)
-            blocks = [code for _, code, _ in _python_blocks(doc)]
+            blocks = [code for _, code in _python_blocks(doc)]
             has_doctest = ">>>" in doc
             if blocks or has_doctest:
                 found.append((module_name, qualname, doc, blocks))
@@ -284,3 +296,6 @@ def test_examples_are_found():
     qualnames = {q for _, q, _, _ in _docstring_examples()}
     assert "keras_accum.keras.optimizer.AccumOptimizer" in qualnames
     assert "keras_accum.torch.optimizer.AccumOptimizer" in qualnames
+    files = {c["file"] for c in chains}
+    assert os.path.join("docs", "guides", "accumulation.md") in files
+    assert any(len(c["blocks"]) > 1 for c in chains), "no continuing block found"

@@ -447,6 +447,29 @@ def test_bad_inner_optimizer(optimizer, error, match):
         AccumOptimizer(optimizer, merge_grad=2)
 
 
+@pytest.mark.parametrize(
+    "feature,value,ours",
+    [
+        ("gradient_accumulation_steps", 2, "merge_grad=2"),
+        ("use_ema", True, "use_ema=True"),
+        ("global_clipnorm", 1.0, "global_clipnorm=1.0"),
+    ],
+)
+def test_inner_feature_refusal_names_our_argument_and_the_one_liner(feature, value, ours):
+    """The refusal says what to pass to AccumOptimizer (our name, not Keras's),
+    and both ways out it names work."""
+    inner = keras.optimizers.Adam(**{feature: value})
+    with pytest.raises(ValueError) as caught:
+        AccumOptimizer(inner, merge_grad=4)
+    message = str(caught.value)
+    assert f"Pass `{ours}` to AccumOptimizer and leave `{feature}` off the inner" in message
+    assert "`AccumOptimizer.from_keras_optimizer(optimizer)`" in message
+    assert f"Received: optimizer with {feature}={value!r}" in message
+    name = ours.split("=")[0]
+    assert AccumOptimizer(keras.optimizers.Adam(), **{name: value}).get_config()[name] == value
+    assert AccumOptimizer.from_keras_optimizer(inner).get_config()[name] == value
+
+
 def test_gradient_list_length_mismatch_raises_and_changes_nothing():
     params = make_params()
     v = make_variables(params)

@@ -673,3 +673,41 @@ def test_flush_window_callback_under_the_strategy_applies_the_open_window():
         grads = tape.gradient(loss, reference.trainable_variables)
         plain.apply_gradients(zip(grads, reference.trainable_variables))
     _assert_close(_weights(model), _weights(reference))
+
+
+# ---------------------------------- Keras's built-in under tf.distribute, measured
+# The README and docs/semantics.md state these facts about Keras's own
+# optimizers under a strategy (TensorFlow backend only; the backend-generic
+# claims are in test_keras_builtin_claims.py). They fail if Keras changes.
+@pytest.mark.slow
+def test_keras_builtin_accumulation_cannot_fit_under_mirrored_strategy():
+    """`gradient_accumulation_steps` puts the cross-replica update inside a `cond`
+    in replica context: `fit` raises the `merge_call` RuntimeError."""
+    x, y = _data(32)
+    with STRATEGY.scope():
+        model = _mlp()
+        model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+                      loss="mse", jit_compile=False)
+    with pytest.raises(RuntimeError, match="merge_call"):
+        model.fit(x, y, batch_size=B, verbose=0)
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm", "clipvalue"])
+def test_keras_plain_optimizer_clips_each_replica_before_the_sum(clip):
+    """Replica gradients 3 and -1 (their sum, 2, is the global gradient) with a
+    clip of 1: each replica's is clipped first (1 + -1), so the step is 0, not 1."""
+    with STRATEGY.scope():
+        v = keras.Variable(np.zeros((1,), "float32"))
+        opt = keras.optimizers.SGD(1.0, **{clip: 1.0})
+        opt.build([v])
+
+    @tf.function
+    def step():
+        def fn():
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+            opt.apply_gradients([(tf.where(first, 3.0, -1.0) * tf.ones((1,)), v)])
+
+        STRATEGY.run(fn)
+
+    step()
+    np.testing.assert_array_equal(v.numpy(), [0.0])

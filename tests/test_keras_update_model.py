@@ -442,7 +442,8 @@ def fe_migration_blocks(torch_side):
     return [
         code
         for directive, code in blocks
-        if "requires fastestimator" not in directive and ("import torch" in code) == torch_side
+        # "# needs: fastestimator": the "before" code, not runnable beside Keras 3.
+        if not code.startswith("# needs:") and ("import torch" in code) == torch_side
     ]
 
 
