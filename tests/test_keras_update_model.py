@@ -25,6 +25,8 @@ from keras_accum import AccumOptimizer, apply_deferred, update_model
 #: Their loss form records with `tf.GradientTape` (the gradients form runs on every
 #: backend: `test_keras_backends.py`).
 pytestmark = pytest.mark.tensorflow
+if BACKEND != "tensorflow":
+    pytest.skip("needs Keras's TensorFlow backend", allow_module_level=True)
 
 try:  # tests/ on sys.path (pytest's default "prepend" import mode)
     import reference as ref

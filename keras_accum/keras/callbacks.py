@@ -25,6 +25,11 @@ def _accum_optimizer(model):
 class FlushWindow(keras.callbacks.Callback):
     """Applies the open accumulation window at the end of each epoch or of training.
 
+    With `on="train_end"` the window is applied before `fit` writes the EMA
+    into the model (`finalize_variable_values`, which Keras calls before the
+    callbacks' `on_train_end`), so that the last update moves the EMA as any
+    other, and the model ends on the EMA of every update.
+
     Args:
         on: `"epoch_end"` (default) or `"train_end"`.
     """
@@ -33,13 +38,19 @@ class FlushWindow(keras.callbacks.Callback):
         super().__init__()
         self.on = validate_choice("on", on, ("epoch_end", "train_end"))
 
+    def on_train_begin(self, logs=None):
+        if self.on == "train_end":
+            _accum_optimizer(self.model)._flush_before_finalize = True
+
     def on_epoch_end(self, epoch, logs=None):
         if self.on == "epoch_end":
             _accum_optimizer(self.model).flush()
 
     def on_train_end(self, logs=None):
         if self.on == "train_end":
-            _accum_optimizer(self.model).flush()
+            opt = _accum_optimizer(self.model)
+            opt._flush_before_finalize = False
+            opt.flush()  # a no-op when `finalize_variable_values` flushed
 
 
 class SwapEMAWeights(keras.callbacks.Callback):

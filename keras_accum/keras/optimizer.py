@@ -201,6 +201,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._window_starts = False  # while a window's first micro-step adds
         self._loss_scaler_ref = None
         self._pending_loss_scale = None
+        self._flush_before_finalize = False  # set by `FlushWindow(on="train_end")`
         self._plumbing = plumbing
         self.jit_compile = plumbing.resolve_jit_compile(jit_compile)
         plumbing.attach()
@@ -768,10 +769,16 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """Writes the EMA into the model's variables (`model.fit` calls this at the end).
 
         Nothing is written before the first update (there is no average yet).
+        A `FlushWindow(on="train_end")` in `fit` has the open window applied
+        first.
         """
-        if not self.use_ema or not self.built:
+        if not self.built:
             return
-        _ema.finalize(self, var_list)
+        if self._flush_before_finalize:
+            self._flush_before_finalize = False
+            self.flush()
+        if self.use_ema:
+            _ema.finalize(self, var_list)
 
     @property
     def ema_variables(self):
