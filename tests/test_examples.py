@@ -274,10 +274,29 @@ def _setup_for(module_name: str) -> str:
     return DOCSTRING_SETUPS[max(prefixes, key=len)]
 
 
+_BACKEND_LINE = re.compile(r"^#\s*backend:\s*(\w+)")
+
+
 @pytest.mark.parametrize("item", [_docstring_param(i) for i in _docstring_examples()])
 def test_docstring_example(item, tmp_path, monkeypatch):
+    """Each example runs after its module's setup, in this process; an example whose
+    first line is `# backend: NAME` is a whole program of that Keras backend, run
+    as written in a fresh process with `KERAS_BACKEND=NAME`."""
     module_name, qualname, doc, blocks = item
     monkeypatch.chdir(tmp_path)
+    own = [code for code in blocks if _BACKEND_LINE.match(code)]
+    for code in own:
+        backend = _BACKEND_LINE.match(code).group(1)
+        if importlib.util.find_spec(backend) is None:
+            pytest.skip(f"the example needs {backend}")
+        script = tmp_path / "example.py"
+        script.write_text(code)
+        env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, f"<docstring of {qualname}>:\n{out.stderr[-3000:]}"
+    blocks = [code for code in blocks if not _BACKEND_LINE.match(code)]
+    if not blocks and ">>>" not in doc:
+        return
     namespace = _setup(_setup_for(module_name))
     for code in blocks:
         _run(code, f"<docstring of {qualname}>", 1, namespace)

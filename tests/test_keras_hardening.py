@@ -43,6 +43,7 @@ if BACKEND == "tensorflow":
 from reference import RecordingInner, RefAccum
 
 from keras_accum import AccumOptimizer
+from keras_accum.keras import _state
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -254,7 +255,7 @@ def _assign_format1_state(model, opt, arrays):
     """Writes the file's arrays into `model` and a built `opt`, entry by entry."""
     model_arrays, own, inner, _ = arrays
     model.set_weights(model_arrays)
-    for (variable, assign), value in zip(opt._state_layout(1), own):
+    for (variable, assign), value in zip(_state.layout(opt, 1), own):
         if assign:
             variable.assign(value)
     for variable, value in zip(opt.inner_optimizer.variables, inner):
@@ -299,7 +300,7 @@ def test_keras_file_of_state_format_1_loads_and_resumes_bit_identically():
     opt = loaded.optimizer
     # 1. The loaded state is the stored state.
     _same(loaded.get_weights(), model_arrays, "model weights vs file")
-    layout = opt._state_layout(1)
+    layout = _state.layout(opt, 1)
     assert len(layout) == len(own)
     _same(_values([v for v, _ in layout]), own, "format-1 entries vs file")
     _same(_inner_state(opt), inner, "inner state vs file")
@@ -307,13 +308,13 @@ def test_keras_file_of_state_format_1_loads_and_resumes_bit_identically():
     assert all(any(v is w for w in listed) for v in opt.variables), "a variable not in the file"
     assert int(opt.window_steps.numpy()) == 2 and int(opt.iterations.numpy()) == 1
 
-    # 2. Resume, against an uninterrupted run from the file's arrays, on this machine.
-    straight = small_model(seed=1)
-    straight_opt = _format1_optimizer()
-    straight.compile(optimizer=straight_opt, loss="mse")
-    for xb, yb in batches[:6]:
-        straight.train_on_batch(xb, yb)
-    recomputed = straight.get_weights()
+    # 2. Resume, against a run from the file's arrays, on this machine: the same
+    #    program (the file's model, loss and optimizer configs), its state
+    #    scrambled, then every entry assigned from the file by hand.
+    straight = keras.models.load_model(FORMAT1_FILE)
+    straight_opt = straight.optimizer
+    straight.set_weights([np.zeros_like(w) for w in model_arrays])
+    straight_opt.set_weights([np.zeros_like(v) for v in _values(straight_opt.variables)])
     _assign_format1_state(straight, straight_opt, arrays)
     _same(_values(straight_opt.variables), _values(opt.variables), "assigned vs loaded state")
     for xb, yb in batches[6:]:
@@ -324,8 +325,14 @@ def test_keras_file_of_state_format_1_loads_and_resumes_bit_identically():
     _same(_values(opt.variables), _values(straight_opt.variables), "optimizer state after resume")
     assert int(opt.iterations.numpy()) == 3 and int(opt.window_steps.numpy()) == 0
 
-    # 3. The recipe's own run, recomputed here: equal to round-off.
-    _close(recomputed, model_arrays, rtol=1e-6, atol=1e-7, what="recomputed vs file")
+    # 3. The recipe's own run, recomputed here (TensorFlow: the backend that drew
+    #    the initial weights): equal to round-off.
+    if BACKEND == "tensorflow":
+        recipe = small_model(seed=1)
+        recipe.compile(optimizer=_format1_optimizer(), loss="mse")
+        for xb, yb in batches[:6]:
+            recipe.train_on_batch(xb, yb)
+        _close(recipe.get_weights(), model_arrays, rtol=1e-6, atol=1e-7, what="recomputed vs file")
 
     # Saved again, it is written in the current format (each value once).
     store = _save_store(opt)

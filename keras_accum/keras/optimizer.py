@@ -678,11 +678,32 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         Example:
 
         ```python
-        @jax.jit
+        # backend: jax (a whole program, run with KERAS_BACKEND=jax)
+        import jax
+        import keras
+        import numpy as np
+
+        from keras_accum import AccumOptimizer
+
+        model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)])
+        opt = AccumOptimizer(keras.optimizers.Adam(1e-3), merge_grad=4)
+        opt.build(model.trainable_variables)
+
+        def loss_of(train_values, x, y):
+            y_pred, _ = model.stateless_call(train_values, [], x)
+            return keras.ops.mean((y_pred - y) ** 2)
+
         def train_step(opt_values, train_values, x, y):
             grads = jax.grad(loss_of)(train_values, x, y)
-            new_train, new_opt = opt.stateless_apply(opt_values, grads, train_values)
-            return new_opt, new_train
+            train_values, opt_values = opt.stateless_apply(opt_values, grads, train_values)
+            return opt_values, train_values
+
+        step = jax.jit(train_step, donate_argnums=(0, 1))  # updated in place
+        state = ([v.value for v in opt.variables], [v.value for v in model.trainable_variables])
+        x = np.random.default_rng(0).normal(size=(32, 10)).astype("float32")
+        for i in range(0, 32, 8):  # 4 micro-batches of 8: one update
+            state = step(*state, x[i : i + 8], x[i : i + 8, :1])
+        print(int(state[0][0]), "update")  # variables[0] is `iterations`
         ```
         """
         return self._stateless(
