@@ -102,15 +102,21 @@ def test_fit_with_flush_window_equals_the_large_batch_of_what_is_left(on):
     flushed; earlier ones carry over, as Keras's epochs do with `steps`."""
     x, y = small_data(40)
     ours, large = small_model(), small_model()
-    opt = AccumOptimizer(keras.optimizers.SGD(_schedule(), momentum=0.9), merge_grad=2,
-                         use_ema=True, ema_momentum=0.5)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(_schedule(), momentum=0.9),
+        merge_grad=2,
+        use_ema=True,
+        ema_momentum=0.5,
+    )
     ours.compile(optimizer=opt, loss="mse")
-    large_opt = AccumOptimizer(keras.optimizers.SGD(_schedule(), momentum=0.9),
-                               use_ema=True, ema_momentum=0.5)
+    large_opt = AccumOptimizer(
+        keras.optimizers.SGD(_schedule(), momentum=0.9), use_ema=True, ema_momentum=0.5
+    )
     large.compile(optimizer=large_opt, loss="mse")
     epochs = 2 if on == "epoch_end" else 1
-    ours.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0,
-             callbacks=[FlushWindow(on=on)])
+    ours.fit(
+        x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=[FlushWindow(on=on)]
+    )
     large.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0)
     assert int(opt.iterations.numpy()) == int(large_opt.iterations.numpy()) == 3 * epochs
     assert int(opt.window_steps.numpy()) == 0

@@ -45,7 +45,11 @@ def global_norm(tensors, sum_of_squares):
         return ops.convert_to_tensor(0.0, "float32")
     squares = [sum_of_squares(t) for t in tensors]
     dtype = widest_dtype([s.dtype for s in squares])
-    total = squares[0] if len(squares) == 1 else ops.sum(ops.stack([ops.cast(s, dtype) for s in squares]))
+    total = (
+        squares[0]
+        if len(squares) == 1
+        else ops.sum(ops.stack([ops.cast(s, dtype) for s in squares]))
+    )
     return ops.sqrt(ops.cast(total, dtype))
 
 
@@ -109,7 +113,9 @@ def clip(merged, norm, config, sum_of_squares):
         norm = None
     if config.clipnorm is not None:
         c = config.clipnorm
-        return [g * c / ops.cast(ops.maximum(safe_norm(g, sum_of_squares), c), g.dtype) for g in merged]
+        return [
+            g * c / ops.cast(ops.maximum(safe_norm(g, sum_of_squares), c), g.dtype) for g in merged
+        ]
     if config.global_clipnorm is not None:
         c = config.global_clipnorm
         if norm is None:

@@ -48,12 +48,8 @@ def after_window(opt, applied, skipped) -> None:
     grow = ops.logical_and(applied, ops.equal(counter, lso.dynamic_growth_steps - 1))
     restart = ops.logical_or(skipped, grow)
     zero = ops.zeros_like(counter)
-    lso.step_counter.assign(
-        ops.where(restart, zero, ops.where(applied, counter + 1, counter))
-    )
-    lso.dynamic_scale.assign(
-        ops.where(skipped, scale * 0.5, ops.where(grow, scale * 2.0, scale))
-    )
+    lso.step_counter.assign(ops.where(restart, zero, ops.where(applied, counter + 1, counter)))
+    lso.dynamic_scale.assign(ops.where(skipped, scale * 0.5, ops.where(grow, scale * 2.0, scale)))
 
 
 def state_variables(opt) -> list:
@@ -91,9 +87,7 @@ def install() -> None:
             return original_stateless(self, optimizer_variables, grads, trainable_variables)
         # The base class's: our `apply` in one stateless scope over every
         # variable (the scale's included), all writes collected after it.
-        return BaseOptimizer.stateless_apply(
-            self, optimizer_variables, grads, trainable_variables
-        )
+        return BaseOptimizer.stateless_apply(self, optimizer_variables, grads, trainable_variables)
 
     original_load = cls.load_own_variables
 

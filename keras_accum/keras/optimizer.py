@@ -407,7 +407,6 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._host.window_steps = None
         self._host.shapes = [tuple(v.shape) for v in var_list]
         self.built = True
-        plumbing.after_build()
 
     # ------------------------------------------------------------------- apply
     def apply_gradients(self, grads_and_vars, weight=None, skip_gradients_aggregation=False):
@@ -459,8 +458,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             if not self.built:
                 # In the building context (TensorFlow: lifted out of a traced
                 # function), a subclass's own `build` variables too.
-                with keras.name_scope(self.name, caller=self), plumbing.building(
-                    trainable_variables
+                with (
+                    keras.name_scope(self.name, caller=self),
+                    plumbing.building(trainable_variables),
                 ):
                     self.build(trainable_variables)
             aligned = [None] * len(self._trainable_variables)

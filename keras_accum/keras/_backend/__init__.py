@@ -80,9 +80,6 @@ class Plumbing:
             name=name,
         )
 
-    def after_build(self) -> None:
-        """Called once the optimizer's variables and the inner optimizer exist."""
-
     # ------------------------------------------------------------------ inputs
     def gradients(self, grads) -> list:
         """The aligned gradients as backend tensors (None kept)."""
@@ -153,9 +150,6 @@ class Plumbing:
     def eager_close(self, run) -> None:
         """Runs `run()`, a window's update started by the host (`flush`)."""
         run()
-
-    def forget_compiled(self) -> None:
-        """Drops compiled step functions (after the variables were rebuilt)."""
 
     # ----------------------------------------------------------- control flow
     def run_if(self, pred, fn, otherwise=None):

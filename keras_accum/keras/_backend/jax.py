@@ -90,9 +90,6 @@ class Plumbing(base.Plumbing):
                 v.assign(new)
         return finite
 
-    def forget_compiled(self):
-        self._jitted = {}
-
     # ----------------------------------------------------------- control flow
     def run_if(self, pred, fn, otherwise=None):
         if not _is_traced(pred):
@@ -169,9 +166,7 @@ class Plumbing(base.Plumbing):
         phases.record(closes, norm, finite)
         applied = jnp.logical_and(closes, phases.ok(finite))
         self._loop_if(applied, lambda: phases.reset(phases.apply(phases.sums(), norm)))
-        self._loop_if(
-            jnp.logical_and(closes, jnp.logical_not(applied)), lambda: phases.reset(norm)
-        )
+        self._loop_if(jnp.logical_and(closes, jnp.logical_not(applied)), lambda: phases.reset(norm))
 
     def tracing(self) -> bool:
         """Whether the running step is traced (inside `jax.jit`)."""
@@ -179,9 +174,7 @@ class Plumbing(base.Plumbing):
 
     def written(self, variables):
         """A scalar made from every variable just written (its first element, if finite)."""
-        parts = [
-            jnp.ravel(v.value)[0].astype(jnp.float32) for v in variables if v.value.size > 0
-        ]
+        parts = [jnp.ravel(v.value)[0].astype(jnp.float32) for v in variables if v.value.size > 0]
         token = sum(parts[1:], parts[0]) if parts else jnp.float32(0)
         return jnp.where(jnp.isfinite(token), token, 0.0)
 
@@ -210,7 +203,9 @@ class Plumbing(base.Plumbing):
         if value.dtype == jnp.dtype(dtype) or not jnp.issubdtype(value.dtype, jnp.floating):
             return value.astype(dtype)
         bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[value.dtype.itemsize]
-        pinned = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(value, bits), value.dtype)
+        pinned = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(value, bits), value.dtype
+        )
         return pinned.astype(dtype)
 
     def snapshot(self, variable):

@@ -357,13 +357,6 @@ class Plumbing(base.Plumbing):
         self._concrete[key] = fn.get_concrete_function(grads, weight)
         return finite
 
-    def eager_close(self, run):
-        run()
-
-    def forget_compiled(self):
-        self._accumulate_fn = self._start_fn = self._update_fn = None
-        self._concrete = {}
-
     def strategy_scope(self):
         return _distribute.scope_of(self.optimizer._distribution_strategy)
 
