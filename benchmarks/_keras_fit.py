@@ -14,6 +14,7 @@ and each figure is the median over the rounds.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import keras
@@ -119,10 +120,11 @@ def interleaved_runs(runners, repeats, warmup=1):
 class FloorOptimizer(keras.optimizers.Optimizer):
     """The floor inside `model.fit`: `apply` adds the gradients into buffers, nothing else.
 
-    Backend-neutral (JAX, torch): on torch the add is in place (`add_`, as
-    AccumOptimizer's torch plumbing adds); on JAX it is `assign(b + g)`,
-    which a jitted, donating train step (`fit`'s) runs in place. The
-    TensorFlow section has its own (`keras_bench._FloorOptimizer`).
+    On torch the add is in place (`add_`, as AccumOptimizer's torch plumbing
+    adds; Keras's `assign_add` there makes a new tensor); elsewhere it is
+    `assign_add` (on JAX `assign(b + g)`, which a jitted, donating train
+    step, `fit`'s, runs in place). `fit` builds the optimizer before it
+    traces its train step.
     """
 
     def __init__(self):
@@ -140,7 +142,46 @@ class FloorOptimizer(keras.optimizers.Optimizer):
             if in_place:
                 b.value.add_(g)
             else:
-                b.assign(b.value + g)
+                b.assign_add(g)
+
+
+def fit_rows(width, x, y, *, jit_compile, repeats, warmup=1, sync=None, extra=None):
+    """`model.fit` rows: AccumOptimizer(Adam), plain Adam, Keras's built-in and the floor.
+
+    Each trains an MLP of `width` on `x`, `y`, interleaved with the runners
+    in `extra` (name -> (run, kind)); one row per name (the median stats),
+    with the context `model.fit, jit_compile=...`. Checks that the
+    window closed, then frees the models.
+    """
+    optimizers = {
+        "accum": (accum(), "accum"),
+        "plain": (adam(), "update"),
+        "builtin": (adam(gradient_accumulation_steps=K), "accum"),
+        "floor": (FloorOptimizer(), "non_update"),
+    }
+    runners = {
+        name: (fit_runner(mlp(width, opt, jit_compile), x, y, sync=sync), kind)
+        for name, (opt, kind) in optimizers.items()
+    }
+    runners.update(extra or {})
+    stats = interleaved_runs(runners, repeats, warmup)
+    assert window_steps(optimizers["accum"][0]) == 0
+    context = f"model.fit, jit_compile={jit_compile}"
+    out = [dict(context=context, row=n, **s) for n, s in stats.items()]
+    del runners, optimizers
+    keras.backend.clear_session()
+    gc.collect()
+    return out
+
+
+def require_backend(parser, backend, section):
+    """Stops with `parser.error` unless Keras runs `backend` (picked before Keras's import)."""
+    if keras.backend.backend() != backend:
+        parser.error(
+            f"the {section} section needs Keras's {backend} backend: set "
+            f"KERAS_BACKEND={backend} before Keras is imported. "
+            f"Received: KERAS_BACKEND={keras.backend.backend()}"
+        )
 
 
 def window_steps(optimizer) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -159,29 +158,22 @@ def _stateless_loop(width, optimizer, x, y):
 
 def _fit(width, jit_compile, repeats, warmup):
     x, y = F.fit_data(width)
-    optimizers = {
-        "accum": (F.accum(), "accum"),
-        "plain": (F.adam(), "update"),
-        "builtin": (F.adam(gradient_accumulation_steps=K), "accum"),
-        "floor": (F.FloorOptimizer(), "non_update"),
-    }
-    runners = {
-        name: (F.fit_runner(F.mlp(width, opt, jit_compile), x, y, sync=_sync), kind)
-        for name, (opt, kind) in optimizers.items()
-    }
-    position = None
+    extra, position = {}, None
     if jit_compile:
         run, position = _optax_multisteps(width, x, y)
-        runners["optax"] = (run, "accum")
-    stats = F.interleaved_runs(runners, repeats, warmup)
-    assert F.window_steps(optimizers["accum"][0]) == 0
+        extra["optax"] = (run, "accum")
+    rows = F.fit_rows(
+        width,
+        x,
+        y,
+        jit_compile=jit_compile,
+        repeats=repeats,
+        warmup=warmup,
+        sync=_sync,
+        extra=extra,
+    )
     assert position is None or position() == 0
-    context = f"model.fit, jit_compile={jit_compile}"
-    out = [dict(context=context, row=n, **s) for n, s in stats.items()]
-    del runners, optimizers
-    keras.backend.clear_session()
-    gc.collect()
-    return out
+    return rows
 
 
 def _custom_loop(width, repeats, warmup):
@@ -204,14 +196,7 @@ def _custom_loop(width, repeats, warmup):
 def main(argv=None):
     parser = C.section_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    if keras.backend.backend() != "jax":
-        parser.error(
-            "the JAX section needs Keras's JAX backend: set KERAS_BACKEND=jax before "
-            f"Keras is imported. Received: KERAS_BACKEND={keras.backend.backend()}"
-        )
-    # keras_accum's int64 counters are int32 under JAX's default (no x64):
-    # JAX warns at each build; the benchmark's output stays readable.
-    warnings.filterwarnings("ignore", message="Explicitly requested dtype int64")
+    F.require_backend(parser, "jax", "JAX")
     widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS
     sizes = args.sizes.split(",") if args.sizes else list(widths)
     if args.quick:

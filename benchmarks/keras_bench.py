@@ -67,8 +67,7 @@ def _variables(width, seed=0):
 def _gradients(variables, seed=1):
     rng = np.random.default_rng(seed)
     return [
-        tf.constant(rng.standard_normal(tuple(v.shape), dtype=np.float32) * 1e-3)
-        for v in variables
+        tf.constant(rng.standard_normal(tuple(v.shape), dtype=np.float32) * 1e-3) for v in variables
     ]
 
 
@@ -99,24 +98,6 @@ class _Floor:
             self._fn = self._fn.get_concrete_function(grads)
             return
         self._fn(grads)
-
-
-class _FloorOptimizer(keras.optimizers.Optimizer):
-    """The floor inside `model.fit`: `apply` adds the gradients into buffers, nothing else."""
-
-    def __init__(self):
-        super().__init__(learning_rate=0.0, name="floor")
-
-    def build(self, var_list):
-        super().build(var_list)
-        self._buffers = [self.add_variable_from_reference(v, "buffer") for v in var_list]
-
-    def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            with tf.init_scope():
-                self.build(trainable_variables)
-        for b, g in zip(self._buffers, grads):
-            b.assign_add(g)
 
 
 def _distinct(variables, leave_out=()):
@@ -291,24 +272,7 @@ def _optimizer_alone(width, repeats):
 def _fit(width, jit_compile, repeats):
     """`model.fit`, each batch timed by a callback (`_keras_fit`'s protocol)."""
     x, y = F.fit_data(width)
-    optimizers = {
-        "accum": (_accum(), "accum"),
-        "builtin": (_adam(gradient_accumulation_steps=K), "accum"),
-        "plain": (_adam(), "update"),
-        "floor": (_FloorOptimizer(), "non_update"),
-    }
-    runners = {
-        name: (F.fit_runner(F.mlp(width, opt, jit_compile), x, y), kind)
-        for name, (opt, kind) in optimizers.items()
-    }
-    stats = F.interleaved_runs(runners, repeats)
-    assert F.window_steps(optimizers["accum"][0]) == 0
-    context = f"model.fit, jit_compile={jit_compile}"
-    out = [dict(context=context, row=n, **s) for n, s in stats.items()]
-    del runners, optimizers
-    keras.backend.clear_session()
-    gc.collect()
-    return out
+    return F.fit_rows(width, x, y, jit_compile=jit_compile, repeats=repeats)
 
 
 def main(argv=None):
@@ -317,11 +281,7 @@ def main(argv=None):
         "--saved-state", action="store_true", help="also measure a .keras file (first size)"
     )
     args = parser.parse_args(argv)
-    if keras.backend.backend() != "tensorflow":
-        parser.error(
-            "the Keras section needs Keras's TensorFlow backend: set KERAS_BACKEND=tensorflow "
-            f"before Keras is imported. Received: KERAS_BACKEND={keras.backend.backend()}"
-        )
+    F.require_backend(parser, "tensorflow", "Keras")
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)

@@ -17,13 +17,11 @@ by window, each figure the median over windows. No target: rows to read.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
@@ -35,33 +33,13 @@ QUICK_REPEATS = 1  # `--quick`: one round (its timings mean nothing)
 
 def _fit(width, repeats, warmup):
     x, y = F.fit_data(width)
-    optimizers = {
-        "accum": (F.accum(), "accum"),
-        "plain": (F.adam(), "update"),
-        "builtin": (F.adam(gradient_accumulation_steps=K), "accum"),
-        "floor": (F.FloorOptimizer(), "non_update"),
-    }
-    runners = {
-        name: (F.fit_runner(F.mlp(width, opt, jit_compile=False), x, y), kind)
-        for name, (opt, kind) in optimizers.items()
-    }
-    stats = F.interleaved_runs(runners, repeats, warmup)
-    assert F.window_steps(optimizers["accum"][0]) == 0
-    out = [dict(context="model.fit (eager)", row=n, **s) for n, s in stats.items()]
-    del runners, optimizers
-    keras.backend.clear_session()
-    gc.collect()
-    return out
+    return F.fit_rows(width, x, y, jit_compile=False, repeats=repeats, warmup=warmup)
 
 
 def main(argv=None):
     parser = C.section_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    if keras.backend.backend() != "torch":
-        parser.error(
-            "the Keras-on-torch section needs Keras's torch backend: set KERAS_BACKEND=torch "
-            f"before Keras is imported. Received: KERAS_BACKEND={keras.backend.backend()}"
-        )
+    F.require_backend(parser, "torch", "Keras-on-torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     widths = C.QUICK_WIDTHS if args.quick else C.FULL_WIDTHS

@@ -116,7 +116,10 @@ def main(argv=None):
         names = list(rows)
         print(f"  {'':28}" + "".join(f"{n[:36]:>38}" for n in names))
         print(f"  {'wall':28}" + "".join(f"{rows[n][i][0]:>38.1f}" for n in names))
-        print(f"  {'all kernels':28}" + "".join(f"{sum(rows[n][i][1].values()):>38.1f}" for n in names))
+        print(
+            f"  {'all kernels':28}"
+            + "".join(f"{sum(rows[n][i][1].values()):>38.1f}" for n in names)
+        )
         for kind in shown:
             cells = "".join(
                 f"{f'{rows[n][i][1][kind]:.1f} ({rows[n][i][2][kind]:.0f})':>38}" for n in names

@@ -43,7 +43,7 @@ JAX_ROWS = {
 # How the targets name the rows they divide by.
 _SHORT = {"plain": "plain Adam", "builtin": "built-in"}
 # Keras on torch (`keras_torch_bench`): `fit` as the torch backend runs it.
-KERAS_TORCH_CONTEXTS = ("model.fit (eager)",)
+KERAS_TORCH_CONTEXTS = ("model.fit, jit_compile=False",)
 KERAS_TORCH_ROWS = {
     "accum": "AccumOptimizer(Adam)",
     "builtin": "Adam(gradient_accumulation_steps=4)",

@@ -57,7 +57,7 @@ JAX_ROWS = {
     "jax.jit train step, stateless_apply": ("AccumOptimizer(Adam)", "plain Adam"),
 }
 KERAS_TORCH_ROWS = {
-    "model.fit (eager)": (
+    "model.fit, jit_compile=False": (
         "AccumOptimizer(Adam)",
         "Adam(gradient_accumulation_steps=4)",
         "plain Adam",
