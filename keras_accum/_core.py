@@ -168,6 +168,14 @@ def validate_weight(weight: Any):
     return float(weight)
 
 
+def bad_weight_tensor(weight: Any) -> TypeError:
+    """The error for a `weight` that is neither a number nor a scalar numeric tensor."""
+    return TypeError(
+        "`weight` must be a finite number >= 0 (a sample or token count), or a "
+        f"scalar numeric tensor. Received: weight={weight!r}"
+    )
+
+
 def check_num_gradients(num_grads: int, num_variables: int) -> None:
     """Raises when a gradient list does not line up with the variables."""
     if num_grads != num_variables:

@@ -204,15 +204,20 @@ def test_a_window_of_zero_weights_applies_nothing_and_counts_nothing(reduction):
 
 
 @pytest.mark.slow
-def test_float8_global_clipnorm_clips_by_the_gradients_norm_like_keras():
+@pytest.mark.parametrize("clipvalue", [None, 1e9])
+def test_float8_global_clipnorm_clips_by_the_gradients_norm_like_keras(clipvalue):
     """float8 scaling state (scales, amax histories) is not a gradient: Keras leaves it
     out of clipping, so must the norm that clips and is reported. With merge_grad=1
-    the step equals plain `SGD(global_clipnorm=1)`'s."""
+    the step equals plain `SGD(global_clipnorm=1)`'s. A `clipvalue` that clips
+    nothing changes nothing (the norm is then taken again, after it: of the
+    gradients only, too)."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((16, 8)).astype(np.float32) * 3
     y = rng.standard_normal((16, 2)).astype(np.float32) * 3
     ours, plain, probe = _float8_model(), _float8_model(), _float8_model()
-    opt = AccumOptimizer(keras.optimizers.SGD(0.1), global_clipnorm=1.0, jit_compile=False)
+    opt = AccumOptimizer(
+        keras.optimizers.SGD(0.1), global_clipnorm=1.0, clipvalue=clipvalue, jit_compile=False
+    )
     ours.compile(optimizer=opt, loss="mse", jit_compile=False)
     plain.compile(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=1.0), loss="mse",
                   jit_compile=False)

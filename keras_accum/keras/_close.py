@@ -19,6 +19,8 @@ the state it carries). The phases are the same rules either way.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -33,7 +35,7 @@ def build(opt, var_list) -> None:
     opt._inner_slots = slots_by_variable(opt.inner_optimizer, var_list)
 
 
-def close(opt, present, closes=True) -> None:
+def close(opt, present, closes=True, pending=None) -> None:
     """The update: merge, check, clip, one inner step, EMA (or a skip), then reset.
 
     `closes`: True when the caller knows the window closes, else a traced
@@ -41,9 +43,32 @@ def close(opt, present, closes=True) -> None:
     (cross-replica context under tf.distribute): every decision is taken on
     the accumulators' sum over replicas. `present[i]` is True when variable
     i is known (at trace time) to have a gradient in this window; otherwise
-    `seen` decides at run time.
+    `seen` decides at run time. `pending`: the sums with the closing
+    micro-step in them, written nowhere (`_window.pending_sums`), for an
+    update run op by op; None: the accumulators hold the whole window.
     """
-    opt._plumbing.close_window(closes, _Phases(opt, present))
+    opt._plumbing.close_window(closes, _Phases(opt, present, pending))
+
+
+@contextlib.contextmanager
+def all_or_nothing(opt):
+    """Puts the window's counters and the update's own state back if the body raises.
+
+    For a micro-step or a flush run op by op (eagerly): the accumulators
+    are not written before the reset (`pending`), so with these scalars
+    restored the window is as it was before the call, whatever raised (the
+    inner optimizer included). What the inner optimizer wrote before it
+    raised is its own, as it would be without this wrapper.
+    """
+    plumbing = opt._plumbing
+    state = _window.counters(opt) + [opt._last_grad_norm, opt._skipped_updates]
+    saved = [(v, plumbing.snapshot(v)) for v in state + _loss_scale.state_variables(opt)]
+    try:
+        yield
+    except BaseException:
+        for v, value in saved:
+            v.assign(value)
+        raise
 
 
 class _Phases:
@@ -58,13 +83,20 @@ class _Phases:
     empties the window.
     """
 
-    def __init__(self, opt, present):
+    def __init__(self, opt, present, pending=None):
         self.opt = opt
         self.present = present
+        self.pending = pending
         self.overwrite = [_window.overwrites_with_gradient(v) for v in opt._trainable_variables]
+        # The scale the window was accumulated at, read before `record` may
+        # grow it: the merge and the norm divide by this one (point 16).
+        self.scale = _loss_scale.scale_of(opt)
 
     def sums(self):
-        return self.opt._plumbing.sum_over_replicas(self.opt._accumulators)
+        sums = self.opt._plumbing.sum_over_replicas(self.opt._accumulators)
+        if self.pending is None:
+            return sums
+        return [s if p is None else p for s, p in zip(sums, self.pending)]
 
     def decide(self, sums):
         """`(norm, finite)` of the merged gradient, from the sums.
@@ -82,9 +114,8 @@ class _Phases:
         )
         if opt.reduction == "mean":
             norm = norm / ops.cast(opt._window_weight.value, norm.dtype)
-        scale = _loss_scale.scale_of(opt)
-        if scale is not None:
-            norm = norm / ops.cast(scale, norm.dtype)
+        if self.scale is not None:
+            norm = norm / ops.cast(self.scale, norm.dtype)
         if any(self.overwrite):
             finite = ops.logical_and(
                 finite, F.all_finite([x for x, over in zip(sums, self.overwrite) if over])
@@ -131,7 +162,7 @@ class _Phases:
     def merge(self, sums):
         opt = self.opt
         plumbing = opt._plumbing
-        scale = _loss_scale.scale_of(opt)
+        scale = self.scale
         merged = []
         for acc_sum, over in zip(sums, self.overwrite):
             g = acc_sum
@@ -151,10 +182,18 @@ class _Phases:
         plumbing = opt._plumbing
         variables = opt._trainable_variables
         merged = self.merge(sums)
-        clipped = F.clip(merged, norm, opt._config, plumbing.sum_of_squares)
+        # float8 scaling state is not a gradient: never clipped (point 7).
+        clipped = iter(
+            F.clip(
+                [g for g, over in zip(merged, self.overwrite) if not over],
+                norm,
+                opt._config,
+                plumbing.sum_of_squares,
+            )
+        )
         grads = [
-            plumbing.cast(g if over else c, v.dtype)
-            for g, c, v, over in zip(merged, clipped, variables, self.overwrite)
+            plumbing.cast(g if over else next(clipped), v.dtype)
+            for g, v, over in zip(merged, variables, self.overwrite)
         ]
         # A variable without gradient at the closing micro-step may have one
         # from earlier in the window (then its accumulator holds it), or none

@@ -56,7 +56,7 @@ def update(opt) -> None:
     """`ema = m * ema + (1 - m) * var`, after an update (`iterations` already stepped)."""
     cfg = opt._config
     plumbing = opt._plumbing
-    dtype = _window_widest(opt)  # float64 shadows (of float64 variables) get a float64 m
+    dtype = _widest_ema_dtype(opt)  # float64 shadows (of float64 variables) get a float64 m
     n = ops.cast(opt.iterations, dtype) - 1.0  # updates before this one
     m = ops.convert_to_tensor(cfg.ema_momentum, dtype)
     if cfg.ema_warmup:
@@ -73,7 +73,7 @@ def update(opt) -> None:
             v.assign(ops.where(overwrite, ops.cast(ema.value, v.dtype), v.value))
 
 
-def _window_widest(opt) -> str:
+def _widest_ema_dtype(opt) -> str:
     from keras_accum.keras import _functional as F
 
     return F.widest_dtype([opt.accumulator_dtype] + [e.dtype for e in opt._ema])

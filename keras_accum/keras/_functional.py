@@ -91,16 +91,6 @@ def norm_and_finite(tensors, sum_of_squares):
     return ops.cond(ops.isfinite(norm), fast, exact)
 
 
-def safe_norm(tensor, sum_of_squares):
-    """`||tensor||`, exact even where its squares overflow (as `norm_and_finite`)."""
-    norm = ops.sqrt(sum_of_squares(tensor))
-    return ops.cond(
-        ops.isfinite(norm),
-        lambda: norm,
-        lambda: ops.cast(scaled_global_norm([tensor]), norm.dtype),
-    )
-
-
 def clip(merged, norm, config, sum_of_squares):
     """Clips the merged gradients once, in the contract's order (point 7).
 
@@ -114,7 +104,8 @@ def clip(merged, norm, config, sum_of_squares):
     if config.clipnorm is not None:
         c = config.clipnorm
         return [
-            g * c / ops.cast(ops.maximum(safe_norm(g, sum_of_squares), c), g.dtype) for g in merged
+            g * c / ops.cast(ops.maximum(norm_and_finite([g], sum_of_squares)[0], c), g.dtype)
+            for g in merged
         ]
     if config.global_clipnorm is not None:
         c = config.global_clipnorm

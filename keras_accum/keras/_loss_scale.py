@@ -31,9 +31,9 @@ def scaler(opt):
 
 
 def scale_of(opt):
-    """The dynamic loss scale the open window was accumulated at, or None."""
+    """The dynamic loss scale the open window was accumulated at (a copy), or None."""
     lso = scaler(opt)
-    return None if lso is None else lso.dynamic_scale.value
+    return None if lso is None else opt._plumbing.snapshot(lso.dynamic_scale)
 
 
 def after_window(opt, applied, skipped) -> None:

@@ -86,11 +86,6 @@ def layout(opt, version) -> list:
     )
 
 
-def entry_counts(opt) -> set:
-    """How many entries a readable saved state of this optimizer can hold."""
-    return {len(layout(opt, version)) for version in READABLE_FORMAT_VERSIONS}
-
-
 def save(opt, store) -> None:
     for i, variable in enumerate(opt.variables):
         store[str(i)] = variable.numpy()

@@ -76,18 +76,56 @@ def accumulate(opt, grads, weight, starts) -> None:
 
 
 def _add_each(opt, grads, weight, starts) -> None:
-    plumbing = opt._plumbing
+    # Every gradient is cast and weighted before the first add, so that a
+    # failure there changes nothing.
+    added = [
+        (_weighted(opt, g, v, acc, weight), v)
+        for g, v, acc in zip(grads, opt._trainable_variables, opt._accumulators)
+        if g is not None
+    ]
     opt._window_starts = starts
     try:
-        for g, v, acc in zip(grads, opt._trainable_variables, opt._accumulators):
-            if g is None:
-                continue
-            g = plumbing.cast(g, acc.dtype)
-            if weight is not None and not overwrites_with_gradient(v):
-                g = plumbing.scale(g, weight)
+        for g, v in added:
             opt.update_step(g, v, None)
     finally:
         opt._window_starts = False
+
+
+def _weighted(opt, gradient, variable, accumulator, weight):
+    """`w * g` in the accumulator's dtype (float8 scaling state is never weighted)."""
+    plumbing = opt._plumbing
+    g = plumbing.cast(gradient, accumulator.dtype)
+    if weight is not None and not overwrites_with_gradient(variable):
+        g = plumbing.scale(g, weight)
+    return g
+
+
+def pending_sums(opt, grads, weight) -> list:
+    """The window's sums with this micro-step in them, written nowhere.
+
+    An update run op by op takes its sums from here (`_close._Phases`), so
+    that whatever raises before the reset leaves every accumulator as it was.
+    The same arithmetic as `add` (one rounding of `acc + w * g`); None where
+    the micro-step has no gradient (the accumulator holds the sum).
+    """
+    plumbing = opt._plumbing
+    sums = []
+    for g, v, acc in zip(grads, opt._trainable_variables, opt._accumulators):
+        if g is None:
+            sums.append(None)
+            continue
+        g = _weighted(opt, g, v, acc, weight)
+        if overwrites_with_gradient(v):
+            first = ops.equal(opt._window_steps.value, 0)
+            sums.append(ops.where(first, g, ops.maximum(acc.value, g)))
+        else:
+            sums.append(plumbing.added(acc, g))
+    return sums
+
+
+def counters(opt) -> list:
+    """The window's counters (`count` writes them)."""
+    return [opt._seen, opt._window_weight, opt._window_steps, opt._micro_steps]
 
 
 def add(opt, gradient, variable) -> None:

@@ -38,13 +38,19 @@ class FlushWindow(keras.callbacks.Callback):
         super().__init__()
         self.on = validate_choice("on", on, ("epoch_end", "train_end"))
 
-    def on_train_begin(self, logs=None):
+    # With on="train_end", the optimizer is asked to flush before its
+    # `finalize_variable_values` from the end of each epoch to the start of
+    # the next: a `fit` that raises mid-epoch (where Keras calls no
+    # `on_train_end`) leaves no request behind for a later `fit`.
+    def on_epoch_begin(self, epoch, logs=None):
         if self.on == "train_end":
-            _accum_optimizer(self.model)._flush_before_finalize = True
+            _accum_optimizer(self.model)._flush_before_finalize = False
 
     def on_epoch_end(self, epoch, logs=None):
         if self.on == "epoch_end":
             _accum_optimizer(self.model).flush()
+        else:
+            _accum_optimizer(self.model)._flush_before_finalize = True
 
     def on_train_end(self, logs=None):
         if self.on == "train_end":

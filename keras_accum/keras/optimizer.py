@@ -22,6 +22,7 @@ tf.distribute, JAX's stateless scopes) is `_backend`'s, one file per backend.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -44,10 +45,14 @@ class _HostSide:
     set on every micro-step.
     """
 
-    __slots__ = ("window_steps", "alignment", "shapes")
+    __slots__ = ("window_steps", "followed", "alignment", "shapes")
 
     def __init__(self):
         self.window_steps = None  # `window_steps` as the host last knew it; None: read it
+        # False once a step ran that the host cannot follow (a traced one,
+        # which a cached function reruns unseen, or one on values): from
+        # then on every eager micro-step reads the position from the state.
+        self.followed = True
         self.alignment = None  # the variables of the last call, and their indices
         self.shapes = []  # the built variables' shapes, as tuples
 
@@ -198,7 +203,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self.global_clipnorm = config.global_clipnorm
         self._signature = _state.signature(config, inner)
         self._host = _HostSide()
-        self._window_starts = False  # while a window's first micro-step adds
+        self._window_starts = False  # True: the adds of a window's first micro-step write
         self._loss_scaler_ref = None
         self._pending_loss_scale = None
         self._flush_before_finalize = False  # set by `FlushWindow(on="train_end")`
@@ -478,7 +483,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             plumbing.check_traced_call()
             if self._raise_checked():
                 plumbing.check_traced_raise()
-            self._host.window_steps = None
+            self._stop_following()
             plumbing.traced_step(
                 lambda: self._micro_step(aligned, weight, assert_finite=True, closes=None)
             )
@@ -556,16 +561,25 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """
         position = self._host.window_steps
         known = position is not None
-        if not known:  # after a load, a restore or a traced call
+        if not known:  # after a load, a restore, a traced call
             position = _to_int(self._window_steps)
         closes = position + 1 >= self.merge_grad
         starts = (not closes) and known and position == 0 and self._own_update_step()
-        finite = self._plumbing.eager_step(self._micro_step, closes, starts, aligned, weight)
+        try:
+            finite = self._plumbing.eager_step(self._micro_step, closes, starts, aligned, weight)
+        except BaseException:
+            self._host.window_steps = None
+            raise
         if self._raise_checked() and not _to_bool(finite):
             self._host.window_steps = position if known else None
-        else:
+        elif self._host.followed:
             self._host.window_steps = 0 if closes else position + 1
         return finite
+
+    def _stop_following(self):
+        """A step the host cannot follow ran: it reads the position from now on."""
+        self._host.window_steps = None
+        self._host.followed = False
 
     def _checked_gradients(self, grads):
         """The gradient list, refused if all None, and divided by `loss_scale_factor`."""
@@ -601,10 +615,6 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """
         return self.on_nonfinite == "raise" and _loss_scale.scaler(self) is None
 
-    def _loss_scaler(self):
-        """The LossScaleOptimizer wrapping this one, once it has applied through us."""
-        return _loss_scale.scaler(self)
-
     def update_step(self, gradient, variable, learning_rate):
         """Adds one (weighted) gradient into `variable`'s accumulator.
 
@@ -627,6 +637,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """
         plumbing = self._plumbing
         present = tuple(g is not None for g in grads)
+        # An update run op by op (eagerly) is all or nothing: its sums are
+        # formed, not written, and the scalars it writes before the inner
+        # step are put back if anything raises (`_close.all_or_nothing`).
+        op_by_op = closes is True and not plumbing.traced() and self._own_update_step()
+        pending = None
         if self._raise_checked():
             from keras_accum.keras import _functional as F
 
@@ -635,27 +650,36 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             )
             if assert_finite:
                 plumbing.assert_finite(finite, self._micro_steps.value + 1)
-            plumbing.run_if(finite, lambda: _window.accumulate(self, grads, weight, starts))
+            if op_by_op:
+                pending = _window.pending_sums(self, grads, weight)
+            else:
+                plumbing.run_if(finite, lambda: _window.accumulate(self, grads, weight, starts))
         else:
             finite = ops.convert_to_tensor(True)
-            _window.accumulate(self, grads, weight, starts)
+            if op_by_op:
+                pending = _window.pending_sums(self, grads, weight)
+            else:
+                _window.accumulate(self, grads, weight, starts)
 
         def decide(weight, finite):
             if self._raise_checked():
-                plumbing.run_if(finite, lambda: self._count_or_close(present, weight, closes))
+                plumbing.run_if(
+                    finite, lambda: self._count_or_close(present, weight, closes, pending)
+                )
             else:
-                self._count_or_close(present, weight, closes)
+                self._count_or_close(present, weight, closes, pending)
 
-        plumbing.in_cross_replica_context(decide, weight, finite)
+        with _close.all_or_nothing(self) if op_by_op else contextlib.nullcontext():
+            plumbing.in_cross_replica_context(decide, weight, finite)
         return finite
 
-    def _count_or_close(self, present, weight, closes):
+    def _count_or_close(self, present, weight, closes, pending=None):
         """Counts the micro-step, then closes the window if it is due (cross-replica)."""
         _window.count(self, present, weight)
         if closes is None:  # decided at run time
             closes = self._window_steps.value >= self.merge_grad
         if closes is not False:
-            _close.close(self, present, closes)
+            _close.close(self, present, closes, pending)
 
     # --------------------------------------------------------------- stateless
     def stateless_apply(self, optimizer_variables, grads, trainable_variables, weight=None):
@@ -744,8 +768,12 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             )
         mapping = list(zip(self._trainable_variables, trainable_variables))
         mapping += list(zip(variables, optimizer_variables))
+        # On values the host cannot follow the position (outside `jax.jit`
+        # too, the variables are not written).
+        self._stop_following()
         with keras.StatelessScope(state_mapping=mapping) as scope:
             run()
+        self._host.window_steps = None
         return (
             [scope.get_current_value(v) for v in self._trainable_variables],
             [scope.get_current_value(v) for v in variables],
@@ -762,15 +790,17 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         `strategy.run`), as `model.fit`'s callbacks are.
 
         Returns:
-            True if an update was made (or skipped by the non-finite policy),
-            else False. Inside a `tf.function`, the flush is traced and this
-            returns None.
+            True if the window held micro-steps (it was applied, skipped by
+            the non-finite policy, or, its weights summing to 0, emptied),
+            False for an empty window. Inside a traced function this returns
+            None.
         """
         if not self.built:
             return False
         self._host.window_steps = None
         plumbing = self._plumbing
         if plumbing.traced():
+            self._stop_following()
             n = len(self._trainable_variables)
 
             def traced():
@@ -781,7 +811,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         if _to_int(self._window_steps) == 0:
             return False
         present = tuple(bool(s) for s in host_value(self._seen))
-        with plumbing.strategy_scope():
+        with plumbing.strategy_scope(), _close.all_or_nothing(self):
             plumbing.eager_close(lambda: _close.close(self, present))
         return True
 

@@ -95,16 +95,10 @@ class Plumbing:
         from keras_accum import _core
 
         if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
-            raise TypeError(
-                "`weight` must be a finite number >= 0 (a sample or token count), or a "
-                f"scalar numeric tensor. Received: weight={weight!r}"
-            )
+            raise _core.bad_weight_tensor(weight)
         value = weight.value if isinstance(weight, keras.Variable) else weight
         if len(value.shape) != 0 or not _is_real_dtype(value.dtype):
-            raise TypeError(
-                "`weight` must be a finite number >= 0 (a sample or token count), or a "
-                f"scalar numeric tensor. Received: weight={weight!r}"
-            )
+            raise _core.bad_weight_tensor(weight)
         value = ops.cast(value, dtype)
         if not self.traced():
             _core.validate_weight(float(host_value(value)))
@@ -207,6 +201,10 @@ class Plumbing:
     def add_into(self, accumulator, gradient) -> None:
         """`accumulator += gradient`, in place where the backend can."""
         accumulator.assign(accumulator.value + gradient)
+
+    def added(self, accumulator, gradient):
+        """`accumulator + gradient` as a new tensor; the accumulator is not written."""
+        return accumulator.value + gradient
 
     def write_into(self, accumulator, gradient) -> None:
         """`accumulator = gradient`, for an accumulator that holds zeros."""

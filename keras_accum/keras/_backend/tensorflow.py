@@ -216,16 +216,10 @@ class Plumbing(base.Plumbing):
         if not isinstance(weight, (tf.Tensor, tf.Variable, keras.Variable)) and not hasattr(
             weight, "__array__"
         ):
-            raise TypeError(
-                "`weight` must be a finite number >= 0 (a sample or token count), or a "
-                f"scalar numeric tensor. Received: weight={weight!r}"
-            )
+            raise _core.bad_weight_tensor(weight)
         kind = tf.as_dtype(keras.backend.standardize_dtype(weight.dtype))
         if not (kind.is_floating or kind.is_integer) or len(weight.shape) != 0:
-            raise TypeError(
-                "`weight` must be a finite number >= 0 (a sample or token count), or a "
-                f"scalar numeric tensor. Received: weight={weight!r}"
-            )
+            raise _core.bad_weight_tensor(weight)
         weight = tf.cast(weight, dtype)
         if tf.executing_eagerly():
             _core.validate_weight(float(weight.numpy()))
@@ -457,6 +451,14 @@ class Plumbing(base.Plumbing):
             local.scatter_add(gradient)
         else:
             local.assign_add(gradient)
+
+    def added(self, accumulator, gradient):
+        value = tf.convert_to_tensor(_distribute.local_component(accumulator))
+        if isinstance(gradient, tf.IndexedSlices):
+            # The rows present, added as `scatter_add` adds them.
+            indices = tf.expand_dims(gradient.indices, -1)
+            return tf.tensor_scatter_nd_add(value, indices, gradient.values)
+        return value + gradient
 
     def write_into(self, accumulator, gradient):
         if isinstance(gradient, tf.IndexedSlices):
