@@ -24,7 +24,8 @@ median over windows. Three groups:
 * The custom loop Keras documents for JAX ("Writing a training loop from
   scratch in JAX"): a `jax.jit` train step (no donation, as written there)
   calling `optimizer.stateless_apply(optimizer_variables, grads,
-  trainable_variables)`, for AccumOptimizer(Adam) and plain Adam.
+  trainable_variables)`, for AccumOptimizer(Adam) and plain Adam; and the
+  same step with its state donated (`donate_argnums=0`, as `fit` does).
 
 JAX dispatches asynchronously: every timed micro-step waits for its state
 (`jax.block_until_ready`) before the clock is read.
@@ -121,17 +122,17 @@ def _optax_multisteps(width, x, y):
     return run, window_position
 
 
-def _stateless_loop(width, optimizer, x, y):
+def _stateless_loop(width, optimizer, x, y, donate=False):
     """Keras's documented JAX loop: `jax.jit(train_step)` calling `stateless_apply`.
 
-    Returns (run, sync): `sync()` writes the loop's optimizer state back into
-    `optimizer.variables`.
+    `donate`: the step donates its state (`donate_argnums=0`, as `fit` does),
+    so XLA may update it in place. Returns (run, sync): `sync()` writes the
+    loop's optimizer state back into `optimizer.variables`.
     """
     model = F.mlp(width)
     optimizer.build(model.trainable_variables)
     grad_fn = _loss_of(model)
 
-    @jax.jit
     def train_step(state, batch):
         trainable, non_trainable, optimizer_variables = state
         (loss, non_trainable), grads = grad_fn(trainable, non_trainable, *batch)
@@ -140,14 +141,17 @@ def _stateless_loop(width, optimizer, x, y):
         )
         return loss, (trainable, non_trainable, optimizer_variables)
 
+    # Copies when donated: the donated state must not be the variables' own buffers.
+    own = jax.numpy.copy if donate else (lambda value: value)
     state = [
         (
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            [v.value for v in optimizer.variables],
+            [own(v.value) for v in model.trainable_variables],
+            [own(v.value) for v in model.non_trainable_variables],
+            [own(v.value) for v in optimizer.variables],
         )
     ]
-    run = _step_runner(train_step, state, _batches(x, y))
+    step = jax.jit(train_step, donate_argnums=0 if donate else ())
+    run = _step_runner(step, state, _batches(x, y))
 
     def sync():
         for v, value in zip(optimizer.variables, state[0][2]):
@@ -176,16 +180,16 @@ def _fit(width, jit_compile, repeats, warmup):
     return rows
 
 
-def _custom_loop(width, repeats, warmup):
+def _custom_loop(width, repeats, warmup, donate):
     x, y = F.fit_data(width)
     accum = F.accum()
-    run_accum, sync_accum = _stateless_loop(width, accum, x, y)
-    run_plain, _ = _stateless_loop(width, F.adam(), x, y)
+    run_accum, sync_accum = _stateless_loop(width, accum, x, y, donate)
+    run_plain, _ = _stateless_loop(width, F.adam(), x, y, donate)
     runners = {"accum": (run_accum, "accum"), "plain": (run_plain, "update")}
     stats = F.interleaved_runs(runners, repeats, warmup)
     sync_accum()
     assert F.window_steps(accum) == 0
-    context = "jax.jit train step, stateless_apply"
+    context = "jax.jit train step, stateless_apply" + (", state donated" if donate else "")
     out = [dict(context=context, row=n, **s) for n, s in stats.items()]
     del runners
     keras.backend.clear_session()
@@ -215,7 +219,8 @@ def main(argv=None):
         size_rows = (
             _fit(width, True, on, warmup)
             + _fit(width, False, off, warmup)
-            + _custom_loop(width, on, warmup)
+            + _custom_loop(width, on, warmup, donate=False)
+            + _custom_loop(width, on, warmup, donate=True)
         )
         for r in size_rows:
             r.update(size=size, params=C.n_params(width))

@@ -32,6 +32,7 @@ JAX_CONTEXTS = (
     "model.fit, jit_compile=True",
     "model.fit, jit_compile=False",
     "jax.jit train step, stateless_apply",
+    "jax.jit train step, stateless_apply, state donated",
 )
 JAX_ROWS = {
     "accum": "AccumOptimizer(Adam)",
@@ -438,7 +439,7 @@ def markdown(results):
             else ""
         ),
         f"- TensorFlow's CPU allocator: {m.get('tf_cpu_allocator', 'system malloc')}; "
-        f"glibc malloc, Keras section: {_malloc(m.get('malloc'))}; "
+        f"glibc malloc, Keras and JAX sections: {_malloc(m.get('malloc'))}; "
         f"{_malloc_sections(results)}: {_malloc(m.get('torch_malloc', m.get('malloc')))}.",
         f"- Versions: Python {m['python']}, TensorFlow {m['tensorflow']}, "
         f"Keras {m['keras']}, torch {m['torch']}, NumPy {m['numpy']}"
@@ -562,8 +563,10 @@ def keras_torch_section(results):
 
 
 def _malloc_sections(results):
+    # The JAX section runs on the system's malloc (run.py says why).
     names = ["torch section"]
-    names += [f"{BACKEND_SECTIONS[key][0]} section" for key in BACKEND_SECTIONS if key in results]
+    if "keras_torch" in results:
+        names.append(f"{BACKEND_SECTIONS['keras_torch'][0]} section")
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 

@@ -118,10 +118,12 @@ def _start(section, sizes, args, path):
         # GPU or TPU is present; the eager "jit_compile=True" rows measure XLA
         # on the CPU, as they did before that rule (keras_bench.py).
         env["KERAS_ACCUM_FORCE_XLA"] = "1"
-    elif args.allocator == "steady":
-        # torch allocates with glibc's malloc on the CPU, and so does XLA's
-        # CPU client (JAX): the same settings for the JAX and Keras-on-torch
-        # sections as for torch's.
+    elif args.allocator == "steady" and section != "jax":
+        # torch allocates with glibc's malloc on the CPU: the same settings for
+        # the Keras-on-torch section as for torch's. Not for JAX: XLA's CPU
+        # client, whose buffers come from malloc too, grew its heap without
+        # bound under them (1M, 10M, then 50M in one process: killed by the
+        # kernel at 24 GB; 5.3 GB at most on the system's malloc).
         for key, value in C.STEADY_MALLOC.items():
             env.setdefault(key, value)  # the caller's own MALLOC_ settings win
     err = tempfile.TemporaryFile("w+")

@@ -55,6 +55,7 @@ JAX_ROWS = {
         "floor: bare accumulate",
     ),
     "jax.jit train step, stateless_apply": ("AccumOptimizer(Adam)", "plain Adam"),
+    "jax.jit train step, stateless_apply, state donated": ("AccumOptimizer(Adam)", "plain Adam"),
 }
 KERAS_TORCH_ROWS = {
     "model.fit, jit_compile=False": (
