@@ -167,11 +167,11 @@ def reset(opt, done) -> None:
 
     Assigned zeros, never `acc * 0` or `acc - acc`: one inf must not turn
     later windows into NaN (point 2). `done` orders the zeros after the
-    update's reads where the backend needs it (`Plumbing.zeros_after`).
+    update's reads where the backend needs it (`Plumbing.clear`).
     """
     plumbing = opt._plumbing
     for i, acc in enumerate(opt._accumulators):
-        acc.assign(plumbing.zeros_after(acc, done, i))
+        plumbing.clear(acc, done, i)
     opt._seen.assign(ops.zeros_like(opt._seen.value))
     opt._window_weight.assign(ops.zeros_like(opt._window_weight.value))
     opt._window_steps.assign(ops.zeros_like(opt._window_steps.value))

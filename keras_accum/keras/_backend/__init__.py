@@ -190,6 +190,10 @@ class Plumbing:
         """Whether a traced micro-step should write, not add, at a window's start."""
         return False
 
+    def clear(self, accumulator, done, index) -> None:
+        """Writes zeros into `accumulator` (never `acc * 0`), ordered after `done`."""
+        accumulator.assign(self.zeros_after(accumulator, done, index))
+
     def zeros_after(self, variable, done, index):
         """Zeros to reset `variable` with, ordered after `done` where the backend needs it."""
         return ops.zeros(variable.shape, variable.dtype)

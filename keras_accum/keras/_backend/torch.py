@@ -50,5 +50,13 @@ class Plumbing(base.Plumbing):
     def write_into(self, accumulator, gradient):
         accumulator.value.copy_(gradient)
 
+    def clear(self, accumulator, done, index):
+        # A fill in place: Keras's `assign` would copy a new zero tensor in.
+        accumulator.value.zero_()
+
+    def sum_of_squares(self, tensor):
+        # One read and no temporary: `sum(square(t))` writes the squares out.
+        return torch.linalg.vector_norm(tensor).square()
+
     def snapshot(self, variable):
         return variable.value.detach().clone()
