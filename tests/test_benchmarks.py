@@ -330,6 +330,10 @@ def test_the_report_reads_results_without_the_new_sections_and_says_what_was_ski
     _, report = _benchmarks()
     with open(os.path.join(ROOT, "benchmarks", "results", "results.json")) as f:
         base = json.load(f)
+    # As the runner wrote them before those sections existed.
+    for section in ("jax", "keras_torch"):
+        base.pop(section, None)
+    base["skipped"] = {}
     md = report.markdown(base)
     assert "## Keras on JAX" not in md and "JAX fit" not in md
     assert "## Keras on torch" not in md
