@@ -641,7 +641,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         # formed, not written, and the scalars it writes before the inner
         # step are put back if anything raises (`_close.all_or_nothing`).
         op_by_op = closes is True and not plumbing.traced() and self._own_update_step()
-        pending = None
+        pending = _window.pending_sums(self, grads, weight) if op_by_op else None
         if self._raise_checked():
             from keras_accum.keras import _functional as F
 
@@ -650,15 +650,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             )
             if assert_finite:
                 plumbing.assert_finite(finite, self._micro_steps.value + 1)
-            if op_by_op:
-                pending = _window.pending_sums(self, grads, weight)
-            else:
+            if not op_by_op:
                 plumbing.run_if(finite, lambda: _window.accumulate(self, grads, weight, starts))
         else:
             finite = ops.convert_to_tensor(True)
-            if op_by_op:
-                pending = _window.pending_sums(self, grads, weight)
-            else:
+            if not op_by_op:
                 _window.accumulate(self, grads, weight, starts)
 
         def decide(weight, finite):
@@ -773,7 +769,6 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         self._stop_following()
         with keras.StatelessScope(state_mapping=mapping) as scope:
             run()
-        self._host.window_steps = None
         return (
             [scope.get_current_value(v) for v in self._trainable_variables],
             [scope.get_current_value(v) for v in variables],
