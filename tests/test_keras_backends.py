@@ -185,7 +185,7 @@ def test_jax_custom_loop_with_stateless_apply_equals_the_large_batch():
 
 _DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
-    import os, sys, json
+    import os, re, sys, json
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import numpy as np, keras, jax
@@ -224,6 +224,33 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
         dist = keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
     model, opt = fit(dist, 4, 8)
     large, large_opt = fit(None, 1, 32)
+    if mode == "data":
+        # fit's train step as fit compiles it, for ours and for plain Adam:
+        # its all-reduces (GSPMD's, of the loss and the gradients, at every
+        # micro-step), counted in the optimized HLO.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        def all_reduces(make_optimizer):
+            keras.distribution.set_distribution(dist)
+            try:
+                m = small_model()
+                m.compile(optimizer=make_optimizer(), loss="mse")
+                m.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+                state = tuple([v.value for v in vs] for vs in (
+                    m.trainable_variables, m.non_trainable_variables,
+                    m.optimizer.variables, m.metrics_variables))
+                batch = NamedSharding(dist.device_mesh.backend_mesh, PartitionSpec("batch"))
+                data = (jax.device_put(x[:8], batch), jax.device_put(y[:8], batch))
+                hlo = jax.jit(m.train_step).lower(state, data).compile().as_text()
+                return len(re.findall(r" all-reduce(?:-start)?\\(", hlo))
+            finally:
+                keras.distribution.set_distribution(None)
+
+        out["all_reduces"] = [
+            all_reduces(lambda: AccumOptimizer(
+                keras.optimizers.Adam(schedule()), merge_grad=4, **config)),
+            all_reduces(lambda: keras.optimizers.Adam(schedule())),
+        ]
     out["iterations"] = [int(opt.iterations.numpy()), int(large_opt.iterations.numpy())]
     out["weights"] = [float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), large.get_weights())]
     out["ema"] = [float(np.abs(np.asarray(a.numpy()) - np.asarray(b.numpy())).max())
@@ -263,6 +290,11 @@ def test_keras_distribution_on_two_devices_equals_the_single_device_large_batch(
         assert accumulator == variable and ema == variable, result["layouts"]
     if mode == "model":
         assert "model" in result["layouts"][0][0]  # the split kernel: not replicated
+    else:
+        # GSPMD all-reduces inside the backward pass at every micro-step;
+        # the window (its decisions on replicated counters) adds none.
+        ours, plain = result["all_reduces"]
+        assert plain >= 1 and ours == plain, result["all_reduces"]
 
 
 # ------------------------------------------------------------------------- torch

@@ -223,3 +223,27 @@ def test_a_fit_that_raised_leaves_no_train_end_flush_behind():
         )
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     assert int(ops.convert_to_numpy(opt.window_steps)) != 0
+
+
+class _RaisesInTraining(keras.layers.Layer):
+    def call(self, x, training=None):
+        if training:
+            raise ValueError("the train step failed")
+        return x
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_a_fit_whose_first_step_raises_raises_that_error(flush):
+    """The end of `fit` (`finalize_variable_values`: the EMA written, a
+    `FlushWindow(on="train_end")`) after a train step that raised: the step's
+    error reaches the user, not one of ours. Keras's JAX `fit` calls it with
+    the state still out of the variables; it read them and raised `TypeError`."""
+    from keras_accum.keras.callbacks import FlushWindow
+
+    x, y = small_data(8)
+    model = keras.Sequential([keras.Input((5,)), _RaisesInTraining(), keras.layers.Dense(2)])
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2, use_ema=True)
+    model.compile(optimizer=opt, loss="mse")
+    callbacks = [FlushWindow(on="train_end")] if flush else []
+    with pytest.raises(ValueError, match="the train step failed"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=callbacks)

@@ -816,9 +816,11 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
 
         Nothing is written before the first update (there is no average yet).
         A `FlushWindow(on="train_end")` in `fit` has the open window applied
-        first.
+        first. Nothing is done when the state is out of the variables (JAX's
+        `fit` calls this even when its first train step raised, which leaves
+        it out): the error that stopped training is the one raised.
         """
-        if not self.built:
+        if not self.built or self._plumbing.held_elsewhere(self.variables):
             return
         if self._flush_before_finalize:
             self._flush_before_finalize = False

@@ -231,6 +231,10 @@ class Plumbing:
         """A copy of `variable`'s current value that later writes do not change."""
         return ops.copy(variable.value)
 
+    def held_elsewhere(self, variables) -> bool:
+        """Whether a trainer holds these variables' values outside them (JAX's `fit`)."""
+        return False
+
     # ------------------------------------------------------------ distribution
     def in_replica_context_of_strategy(self) -> bool:
         """Inside a distribution strategy's per-replica call (TensorFlow)."""

@@ -211,6 +211,12 @@ class Plumbing(base.Plumbing):
     def snapshot(self, variable):
         return variable.value  # immutable
 
+    def held_elsewhere(self, variables):
+        """Keras's JAX `fit` takes the values out of the variables for an epoch
+        (`_purge_model_variables`) and puts them back at its end, from its last
+        finished step: a first train step that raised leaves them out."""
+        return any(v._value is None and v._initializer is None for v in variables)
+
 
 def _stateless(run, variables, **kwargs):
     """`run(grads, weight, **kwargs)` as a jitted function of the variables' values."""
