@@ -93,10 +93,26 @@ class _Phases:
         self.scale = _loss_scale.scale_of(opt)
 
     def sums(self):
-        sums = self.opt._plumbing.sum_over_replicas(self.opt._accumulators)
+        """The window's sums: the accumulators summed over replicas, or the pending sums.
+
+        Pending sums (an update run op by op) are handed over, not kept: the
+        list given to `_Phases` is emptied and `merge` drops each sum once
+        merged, so that the pending sums do not live beside the merged
+        gradient through the inner step. The base `close_window`, the one
+        that runs an update op by op, asks for them once.
+        """
+        opt = self.opt
         if self.pending is None:
-            return sums
-        return [s if p is None else p for s, p in zip(sums, self.pending)]
+            return opt._plumbing.sum_over_replicas(opt._accumulators)
+        pending, self.pending = self.pending, None
+        held = iter(
+            opt._plumbing.sum_over_replicas(
+                [a for a, p in zip(opt._accumulators, pending) if p is None]
+            )
+        )
+        sums = [next(held) if p is None else p for p in pending]
+        pending.clear()
+        return sums
 
     def decide(self, sums):
         """`(norm, finite)` of the merged gradient, from the sums.
@@ -160,12 +176,13 @@ class _Phases:
         _loss_scale.after_window(opt, applied, skipped)
 
     def merge(self, sums):
+        """The merged gradients; each entry of `sums` is dropped (set to None) once merged."""
         opt = self.opt
         plumbing = opt._plumbing
         scale = self.scale
         merged = []
-        for acc_sum, over in zip(sums, self.overwrite):
-            g = acc_sum
+        for i, over in enumerate(self.overwrite):
+            g, sums[i] = sums[i], None
             if not over:  # a float8 window maximum is never divided or unscaled
                 if opt.reduction == "mean":
                     g = g / plumbing.loop_variant(ops.cast(opt._window_weight.value, g.dtype))

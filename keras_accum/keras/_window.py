@@ -116,8 +116,7 @@ def pending_sums(opt, grads, weight) -> list:
             continue
         g = _weighted(opt, g, v, acc, weight)
         if overwrites_with_gradient(v):
-            first = ops.equal(opt._window_steps.value, 0)
-            sums.append(ops.where(first, g, ops.maximum(acc.value, g)))
+            sums.append(plumbing.maximum_of(acc, g, ops.equal(opt._window_steps.value, 0)))
         else:
             sums.append(plumbing.added(acc, g))
     return sums

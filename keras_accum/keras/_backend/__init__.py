@@ -216,8 +216,11 @@ class Plumbing:
 
     def keep_maximum(self, accumulator, gradient, first) -> None:
         """float8 scaling state: the window's maximum (`first`: the window's first step)."""
-        value = accumulator.value
-        accumulator.assign(ops.where(first, gradient, ops.maximum(value, gradient)))
+        accumulator.assign(self.maximum_of(accumulator, gradient, first))
+
+    def maximum_of(self, accumulator, gradient, first):
+        """The window's maximum with `gradient` in it, as a new tensor (see `added`)."""
+        return ops.where(first, gradient, ops.maximum(accumulator.value, gradient))
 
     def sum_of_squares(self, tensor):
         """`sum(tensor ** 2)`, reading `tensor` once where the backend can."""

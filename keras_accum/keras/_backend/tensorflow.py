@@ -469,9 +469,6 @@ class Plumbing(base.Plumbing):
         # add is in place.
         _distribute.local_component(accumulator).assign(tf.raw_ops.Snapshot(input=gradient))
 
-    def keep_maximum(self, accumulator, gradient, first):
-        accumulator.assign(tf.where(first, gradient, tf.maximum(accumulator.value, gradient)))
-
     def sum_of_squares(self, tensor):
         # `2 * l2_loss` reads the tensor once; `reduce_sum(square)` writes
         # the squares out and reads them back.
