@@ -76,17 +76,15 @@ def accumulate(opt, grads, weight, starts) -> None:
 
 
 def _add_each(opt, grads, weight, starts) -> None:
-    # Every gradient is cast and weighted before the first add, so that a
-    # failure there changes nothing.
-    added = [
-        (_weighted(opt, g, v, acc, weight), v)
-        for g, v, acc in zip(grads, opt._trainable_variables, opt._accumulators)
-        if g is not None
-    ]
+    # One gradient at a time: each `w * g` is freed once added (forming them
+    # all first would hold a model-sized copy on every micro-step). What
+    # could refuse a gradient, its shape and the weight, is checked before
+    # the step starts (`AccumOptimizer.apply`).
     opt._window_starts = starts
     try:
-        for g, v in added:
-            opt.update_step(g, v, None)
+        for g, v, acc in zip(grads, opt._trainable_variables, opt._accumulators):
+            if g is not None:
+                opt.update_step(_weighted(opt, g, v, acc, weight), v, None)
     finally:
         opt._window_starts = False
 
