@@ -297,6 +297,151 @@ def test_keras_distribution_on_two_devices_equals_the_single_device_large_batch(
         assert plain >= 1 and ours == plain, result["all_reduces"]
 
 
+_SHARD_MAP_SCRIPT = textwrap.dedent(
+    """
+    import os, re, sys, json
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import numpy as np, keras, jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sys.path.insert(0, sys.argv[1])
+    from keras_driver import small_data, small_model
+    from keras_accum import AccumOptimizer
+
+    mesh = jax.make_mesh((2,), ("batch",))
+    x, y = small_data(64)
+
+    def make(merge_grad):
+        model = small_model()
+        opt = AccumOptimizer(
+            keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.05, decay_steps=20)),
+            merge_grad=merge_grad, global_clipnorm=0.5, use_ema=True, ema_momentum=0.5,
+        )
+        opt.build(model.trainable_variables)
+        return model, opt
+
+    def grads_of(model, train, xb, yb):
+        def loss(t):
+            pred, _ = model.stateless_call(t, [], xb)
+            return jnp.mean((pred - yb) ** 2)
+        return jax.grad(loss)(train)
+
+    def single(merge_grad, batch, steps, flush=False):
+        model, opt = make(merge_grad)
+        train = [v.value for v in model.trainable_variables]
+        state = [v.value for v in opt.variables]
+        step = jax.jit(lambda s, t, xb, yb: opt.stateless_apply(s, grads_of(model, t, xb, yb), t))
+        for i in range(steps):
+            train, state = step(state, train, x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+        if flush:
+            train, state = jax.jit(opt.stateless_flush)(state, train)
+        return train, state, opt
+
+    # Ours: micro-batches of 8 split over the two devices, merge_grad=4.
+    model, opt = make(4)
+    specs = opt.window_specs("batch")
+
+    def local_step(state, train, xb, yb):
+        grads = grads_of(model, train, xb, yb)  # this device's, not reduced
+        train, state = opt.stateless_apply(state, grads, train, axis_name="batch")
+        return state, train
+
+    step = jax.jit(
+        jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(), P("batch"), P("batch")),
+                      out_specs=(specs, P()), check_vma=False),
+        donate_argnums=(0, 1),
+    )
+    # From host copies: a donated step must not take the variables' own buffers.
+    put = lambda v, spec: jax.device_put(np.asarray(v), NamedSharding(mesh, spec))
+    state = [put(v, s) for v, s in zip(opt.split_window([v.value for v in opt.variables], 2), specs)]
+    train = [put(v.value, P()) for v in model.trainable_variables]
+    batch = lambda a, i: put(a[i * 8:(i + 1) * 8], P("batch"))
+    out = {}
+    hlo = step.lower(state, train, batch(x, 0), batch(y, 0)).compile().as_text()
+    where, current = [], None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = line
+        if re.search(r" all-reduce(?:-start)?\\(", line):
+            where.append(current.startswith("ENTRY"))
+    out["all_reduces_in_entry"] = where
+    mid = None
+    for i in range(8):
+        state, train = step(state, train, batch(x, i), batch(y, i))
+        if i == 5:  # a window and a half: joined, as saved
+            mid = ([np.asarray(t) for t in train], [np.asarray(v) for v in opt.join_window(state)])
+    large_train, large_state, large_opt = single(1, 32, 2)
+    out["iterations"] = [int(state[0]), int(large_state[0])]
+    out["weights"] = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(train, large_train)]
+    ema = [i for i, v in enumerate(opt.variables) if any(v is e for e in opt.ema_variables)]
+    out["ema"] = [float(np.abs(np.asarray(state[i]) - np.asarray(large_state[i])).max()) for i in ema]
+    # The joined mid-window state, flushed on one device, against one device's
+    # run of the same six micro-batches of 8 with a flush.
+    model2, opt2 = make(4)
+    flushed_train, _ = jax.jit(opt2.stateless_flush)(mid[1], mid[0])
+    ref_train, _, _ = single(4, 8, 6, flush=True)
+    out["flushed"] = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(flushed_train, ref_train)]
+    print("RESULT", json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.shard_map")
+def test_shard_map_step_reduces_once_per_update_and_equals_the_large_batch(tmp_path):
+    """`stateless_apply(..., axis_name="batch")` in a `jax.shard_map` step over two CPU
+    devices, each with its own gradients: one all-reduce, inside the update's
+    loop (none in the steps that do not update); the single-device large
+    batch's weights and EMA; a mid-window state joined (`join_window`) and
+    flushed on one device equals one device's run of the same micro-batches."""
+    script = tmp_path / "shard_map.py"
+    script.write_text(_SHARD_MAP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax")
+    out = subprocess.run(
+        [sys.executable, str(script), HERE], capture_output=True, text=True, env=env, timeout=300
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
+    import json
+
+    result = json.loads(line[len("RESULT ") :])
+    assert result["all_reduces_in_entry"] == [False], result["all_reduces_in_entry"]
+    assert result["iterations"] == [2, 2]
+    assert max(result["weights"]) < 1e-5, result["weights"]
+    assert len(result["ema"]) == 4 and max(result["ema"]) < 1e-5, result["ema"]
+    assert max(result["flushed"]) < 1e-5, result["flushed"]
+
+
+def test_axis_name_is_refused_where_it_cannot_hold():
+    """`axis_name` on a backend other than JAX, outside a traced step, or with
+    accumulators that were not split: a ValueError naming what to do, nothing changed."""
+    model = small_model()
+    opt = AccumOptimizer(keras.optimizers.SGD(0.1), merge_grad=2)
+    opt.build(model.trainable_variables)
+    before = values(opt.variables)
+    if BACKEND != "jax":
+        with pytest.raises(ValueError, match="axis_name.*JAX backend"):
+            opt.window_specs("batch")
+        return
+    import jax
+
+    state = [v.value for v in opt.variables]
+    train = [v.value for v in model.trainable_variables]
+    grads = [np.ones(v.shape, "float32") for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="outside a traced step"):
+        opt.stateless_apply(state, grads, train, axis_name="batch")
+    with pytest.raises(ValueError, match="leading device axis.*split_window"):
+        jax.jit(lambda s, g, t: opt.stateless_apply(s, g, t, axis_name="batch"))(state, grads, train)
+    with pytest.raises(ValueError, match="num_devices"):
+        opt.split_window(state, 0)
+    split = jax.sharding.PartitionSpec("batch")
+    assert [spec == split for spec in opt.window_specs("batch")] == [
+        any(v is a for a in opt._accumulators) for v in opt.variables
+    ]
+    for a, b in zip(values(opt.variables), before):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------- torch
 @pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile through Keras's torch trainer")

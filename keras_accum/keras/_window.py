@@ -120,6 +120,79 @@ def pending_sums(opt, grads, weight) -> list:
     return sums
 
 
+def split_entries(opt) -> list:
+    """For each entry of `opt.variables`: whether it is an accumulator (split per device)."""
+    accumulators = {id(a) for a in opt._accumulators}
+    return [id(v) in accumulators for v in opt.variables]
+
+
+def _reducers(opt) -> dict:
+    # How the devices' rows of an accumulator combine, as the update combines
+    # them (`Plumbing.data_axis`): the mean, or for float8 scaling state the maximum.
+    return {
+        id(a): overwrites_with_gradient(v)
+        for a, v in zip(opt._accumulators, opt._trainable_variables)
+    }
+
+
+def split(opt, values, num_devices) -> list:
+    """Each accumulator's value repeated on a new leading axis of `num_devices` rows."""
+    _check_length(opt, values)
+    return [
+        ops.repeat(ops.expand_dims(x, 0), num_devices, axis=0) if split else x
+        for x, split in zip(values, split_entries(opt))
+    ]
+
+
+def join(opt, values) -> list:
+    """Each accumulator's rows combined (`split`'s inverse once the rows have moved apart)."""
+    _check_length(opt, values)
+    maximum = _reducers(opt)
+    out = []
+    for x, v in zip(values, opt.variables):
+        if id(v) in maximum:
+            _check_rows(v, x, None)
+            x = ops.max(x, axis=0) if maximum[id(v)] else ops.mean(x, axis=0)
+        out.append(x)
+    return out
+
+
+def device_row(opt, values) -> list:
+    """Inside `shard_map`: this device's row (a leading axis of 1) of each accumulator."""
+    return [
+        _check_rows(v, x, 1)[0] if split else x
+        for x, v, split in zip(values, opt.variables, split_entries(opt))
+    ]
+
+
+def as_device_row(opt, values) -> list:
+    return [ops.expand_dims(x, 0) if split else x for x, split in zip(values, split_entries(opt))]
+
+
+def _check_length(opt, values) -> None:
+    if len(values) != len(opt.variables):
+        raise ValueError(
+            f"`optimizer_variables` must hold one value per entry of `variables` "
+            f"({len(opt.variables)}). Received: {len(values)} values"
+        )
+
+
+def _check_rows(variable, value, rows):
+    shape = tuple(value.shape)
+    if len(shape) != len(variable.shape) + 1 or shape[1:] != tuple(variable.shape) or (
+        rows is not None and shape[0] != rows
+    ):
+        expected = f"({rows if rows is not None else 'num_devices'}, " + ", ".join(
+            str(d) for d in variable.shape
+        ) + ")"
+        raise ValueError(
+            f"The accumulator '{variable.path}' must have a leading device axis, shape "
+            f"{expected} (use `optimizer.split_window` and `window_specs`). "
+            f"Received: shape {shape}"
+        )
+    return value
+
+
 def counters(opt) -> list:
     """The window's counters (`count` writes them)."""
     return [opt._seen, opt._window_weight, opt._window_steps, opt._micro_steps]

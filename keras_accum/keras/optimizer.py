@@ -678,7 +678,9 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             _close.close(self, present, closes, pending)
 
     # --------------------------------------------------------------- stateless
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables, weight=None):
+    def stateless_apply(
+        self, optimizer_variables, grads, trainable_variables, weight=None, axis_name=None
+    ):
         """One micro-step on values, for a jitted JAX step: returns the new values.
 
         As Keras's `stateless_apply` (what `model.fit` calls on JAX), with the
@@ -691,6 +693,14 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
             grads: list of gradients, one per built variable (None allowed).
             trainable_variables: list of tensors, the model's trainable values.
             weight: optional micro-step weight (see `apply_gradients`).
+            axis_name: JAX only: the data axis of a `jax.shard_map` this step
+                runs in. `grads` are then this device's own (its gradient of
+                its own mean loss, not reduced), each accumulator in
+                `optimizer_variables` is this device's row (see
+                `split_window`), and the window is averaged over the axis
+                once, at the update: a micro-step that does not update
+                communicates nothing. `weight` is the micro-step's global
+                weight, the same on every device.
 
         Returns:
             `(trainable_variables, optimizer_variables)`, the new values.
@@ -727,8 +737,121 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         ```
         """
         return self._stateless(
-            lambda: self.apply(grads, weight=weight), optimizer_variables, trainable_variables
+            lambda: self.apply(grads, weight=weight),
+            optimizer_variables,
+            trainable_variables,
+            axis_name,
         )
+
+    def split_window(self, optimizer_variables, num_devices):
+        """The values of `variables` for steps taking `stateless_apply(..., axis_name=...)`.
+
+        Each accumulator gets a leading axis of `num_devices` rows, one per
+        device of the data axis, each holding the open window's sums (the
+        update averages the rows); the other values are returned as given.
+        `window_specs` gives `shard_map` their partition specs;
+        `join_window` goes back.
+
+        Args:
+            optimizer_variables: list of tensors, the values of `variables`.
+            num_devices: int, the size of the data axis.
+
+        Returns:
+            The list of values, accumulators split.
+
+        Example (a `jax.shard_map` step over two devices; the micro-steps
+        that do not update communicate nothing, the update all-reduces once):
+
+        ```python
+        # backend: jax (a whole program, run with KERAS_BACKEND=jax)
+        import os
+
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # 2 CPU devices
+        import jax
+        import jax.numpy as jnp
+        import keras
+        import numpy as np
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from keras_accum import AccumOptimizer
+
+        mesh = jax.make_mesh((2,), ("batch",))
+        model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)])
+        opt = AccumOptimizer(keras.optimizers.Adam(1e-3), merge_grad=4)
+        opt.build(model.trainable_variables)
+        specs = opt.window_specs("batch")
+
+        def loss_of(train_values, x, y):
+            y_pred, _ = model.stateless_call(train_values, [], x)
+            return jnp.mean((y_pred - y) ** 2)  # this device's own mean loss
+
+        def train_step(opt_values, train_values, x, y):
+            grads = jax.grad(loss_of)(train_values, x, y)  # not reduced
+            train_values, opt_values = opt.stateless_apply(
+                opt_values, grads, train_values, axis_name="batch"
+            )
+            return opt_values, train_values
+
+        step = jax.jit(
+            jax.shard_map(
+                train_step,
+                mesh=mesh,
+                in_specs=(specs, P(), P("batch"), P("batch")),
+                out_specs=(specs, P()),
+                check_vma=False,  # the gradients stay this device's own
+            ),
+            donate_argnums=(0, 1),
+        )
+
+        def put(value, spec):  # a host copy: the donated step owns its buffers
+            return jax.device_put(np.asarray(value), NamedSharding(mesh, spec))
+
+        split = opt.split_window([v.value for v in opt.variables], num_devices=2)
+        opt_values = [put(v, s) for v, s in zip(split, specs)]
+        train_values = [put(v.value, P()) for v in model.trainable_variables]
+        x = np.random.default_rng(0).normal(size=(32, 10)).astype("float32")
+        for i in range(0, 32, 8):  # 4 micro-batches of 8, 4 rows per device: one update
+            batch = put(x[i : i + 8], P("batch")), put(x[i : i + 8, :1], P("batch"))
+            opt_values, train_values = step(opt_values, train_values, *batch)
+        # Back to the layout of `variables` (to assign, save or flush):
+        for v, value in zip(opt.variables, opt.join_window(opt_values)):
+            v.assign(value)
+        print(int(opt.iterations), "update")
+        ```
+        """
+        if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+            raise ValueError(
+                f"`num_devices` must be an int >= 1. Received: num_devices={num_devices!r}"
+            )
+        return _window.split(self, optimizer_variables, num_devices)
+
+    def join_window(self, optimizer_variables):
+        """The values of `variables` from those `split_window` made: each accumulator's rows
+        averaged, as the update averages them (the values to assign, save or flush).
+
+        Args:
+            optimizer_variables: list of tensors, split values of `variables`.
+
+        Returns:
+            The list of values, accumulators joined.
+        """
+        return _window.join(self, optimizer_variables)
+
+    def window_specs(self, axis_name):
+        """`jax.sharding.PartitionSpec`s of split `variables`, for `shard_map`'s specs.
+
+        The accumulators split over `axis_name` by their leading axis; every
+        other value replicated.
+
+        Args:
+            axis_name: the data axis's name in the mesh.
+
+        Returns:
+            A list of `PartitionSpec`, one per entry of `variables`.
+        """
+        self._check_built("window_specs")
+        return self._plumbing.window_specs(_window.split_entries(self), axis_name)
 
     def stateless_flush(self, optimizer_variables, trainable_variables):
         """`flush()` on values, for a jitted JAX step: returns the new values.
@@ -743,7 +866,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
         """
         return self._stateless(self.flush, optimizer_variables, trainable_variables)
 
-    def _stateless(self, run, optimizer_variables, trainable_variables):
+    def _stateless(self, run, optimizer_variables, trainable_variables, axis_name=None):
         self._plumbing.check_stateless(self)
         if not self.built:
             raise ValueError(
@@ -762,17 +885,21 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 f"built on ({len(self._trainable_variables)}). Received: "
                 f"{len(trainable_variables)} values"
             )
+        if axis_name is not None:
+            self._plumbing.check_data_axis(axis_name, optimizer_variables)
+            optimizer_variables = _window.device_row(self, optimizer_variables)
         mapping = list(zip(self._trainable_variables, trainable_variables))
         mapping += list(zip(variables, optimizer_variables))
         # On values the host cannot follow the position (outside `jax.jit`
         # too, the variables are not written).
         self._stop_following()
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            run()
-        return (
-            [scope.get_current_value(v) for v in self._trainable_variables],
-            [scope.get_current_value(v) for v in variables],
-        )
+            with self._plumbing.data_axis(axis_name):
+                run()
+        new_values = [scope.get_current_value(v) for v in variables]
+        if axis_name is not None:
+            new_values = _window.as_device_row(self, new_values)
+        return [scope.get_current_value(v) for v in self._trainable_variables], new_values
 
     # ------------------------------------------------------------------- flush
     def flush(self):

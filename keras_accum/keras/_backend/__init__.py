@@ -129,6 +129,21 @@ class Plumbing:
     def check_stateless(self, optimizer) -> None:
         """Refuses `stateless_apply` where the backend's variables cannot take it."""
 
+    def window_specs(self, split, axis_name) -> list:
+        """`shard_map` partition specs: `split[i]` over `axis_name` by the leading axis."""
+        raise _no_data_axis(axis_name)
+
+    def check_data_axis(self, axis_name, values) -> None:
+        """Refuses `axis_name` where a step cannot run inside `shard_map` (`values`: its state)."""
+        raise _no_data_axis(axis_name)
+
+    def data_axis(self, axis_name) -> contextlib.AbstractContextManager:
+        """The step runs inside `shard_map` over `axis_name` (JAX): its accumulators
+        hold this device's partial sums, reduced once, at the update."""
+        if axis_name is None:
+            return contextlib.nullcontext()
+        raise _no_data_axis(axis_name)
+
     def traced_step(self, run) -> None:
         """Runs `run()`, the traced micro-step (with any pending input checks first)."""
         run()
@@ -306,3 +321,11 @@ def plumbing_for(optimizer) -> Plumbing:
             f"one of them before Keras is imported. Received: backend={backend!r}"
         )
     return importlib.import_module(f"{__name__}.{module}").Plumbing(optimizer)
+
+
+def _no_data_axis(axis_name) -> ValueError:
+    return ValueError(
+        "`axis_name` (one reduction per update inside `jax.shard_map`) needs Keras's "
+        f"JAX backend. Received: axis_name={axis_name!r} on the "
+        f"{keras.backend.backend()} backend"
+    )

@@ -25,6 +25,8 @@ Knows how JAX runs the contract's steps, never what they compute.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from keras.src.backend.common.stateless_scope import StatelessScope, get_stateless_scope
@@ -45,6 +47,25 @@ class Plumbing(base.Plumbing):
     def __init__(self, optimizer):
         super().__init__(optimizer)
         self._jitted = {}
+        self._axis_name = None  # inside `shard_map` (`data_axis`): the data axis
+
+    def check_data_axis(self, axis_name, values):
+        if not all(_is_traced(x) for x in values):
+            raise ValueError(
+                "`axis_name` is for a step traced inside `jax.shard_map` (in `jax.jit`). "
+                f"Received: axis_name={axis_name!r} outside a traced step"
+            )
+
+    @contextlib.contextmanager
+    def data_axis(self, axis_name):
+        if axis_name is None:
+            yield
+            return
+        self._axis_name = axis_name
+        try:
+            yield
+        finally:
+            self._axis_name = None
 
     def resolve_jit_compile(self, requested):
         # XLA is JAX's only compiler: a jitted step is faster on every device.
@@ -157,6 +178,10 @@ class Plumbing(base.Plumbing):
         if not self.tracing():
             return super().close_window(closes, phases)
         closes = jnp.asarray(closes)
+        if self._axis_name is not None:
+            # Inside `shard_map` each device holds its own partial sums: the
+            # window's one collective, in place, before anything reads them.
+            self._loop_if(closes, self._reduce_window)
         dtype = phases.norm_dtype()
         norm, finite = jax.lax.cond(
             closes,
@@ -167,6 +192,18 @@ class Plumbing(base.Plumbing):
         applied = jnp.logical_and(closes, phases.ok(finite))
         self._loop_if(applied, lambda: phases.reset(phases.apply(phases.sums(), norm)))
         self._loop_if(jnp.logical_and(closes, jnp.logical_not(applied)), lambda: phases.reset(norm))
+
+    def window_specs(self, split, axis_name):
+        from jax.sharding import PartitionSpec
+
+        return [PartitionSpec(axis_name) if s else PartitionSpec() for s in split]
+
+    def _reduce_window(self):
+        """Each accumulator averaged over the data axis (float8 scaling state: its maximum)."""
+        opt = self.optimizer
+        for acc, v in zip(opt._accumulators, opt._trainable_variables):
+            reduce = jax.lax.pmax if getattr(v, "overwrite_with_gradient", False) else jax.lax.pmean
+            acc.assign(reduce(acc.value, self._axis_name))
 
     def tracing(self) -> bool:
         """Whether the running step is traced (inside `jax.jit`)."""
