@@ -183,6 +183,21 @@ def test_jax_custom_loop_with_stateless_apply_equals_the_large_batch():
             assert not re.findall(rf"= f32\[{dims}\]\{{[0-9,]*\}} copy\(", hlo), v.path
 
 
+def _run_jax_script(tmp_path, text, argument):
+    """Runs `text` in a fresh JAX process (its own XLA_FLAGS); the dict it printed."""
+    import json
+
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax")
+    out = subprocess.run(
+        [sys.executable, str(script), argument], capture_output=True, text=True, env=env, timeout=300
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(line[len("RESULT ") :])
+
+
 _DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import os, re, sys, json
@@ -272,17 +287,7 @@ def test_keras_distribution_on_two_devices_equals_the_single_device_large_batch(
     (the first kernel split over them): the single-device large batch's weights
     and EMA; under `ModelParallel` each accumulator and EMA shadow has its
     variable's layout (a replicated one would gather the split kernel)."""
-    script = tmp_path / "dist.py"
-    script.write_text(_DISTRIBUTED_SCRIPT.format(here=HERE))
-    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax")
-    out = subprocess.run(
-        [sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=300
-    )
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
-    import json
-
-    result = json.loads(line[len("RESULT ") :])
+    result = _run_jax_script(tmp_path, _DISTRIBUTED_SCRIPT.format(here=HERE), mode)
     assert result["iterations"] == [4, 4]
     assert max(result["weights"]) < 1e-5, result["weights"]
     assert max(result["ema"]) < 1e-5, result["ema"]
@@ -394,17 +399,7 @@ def test_shard_map_step_reduces_once_per_update_and_equals_the_large_batch(tmp_p
     loop (none in the steps that do not update); the single-device large
     batch's weights and EMA; a mid-window state joined (`join_window`) and
     flushed on one device equals one device's run of the same micro-batches."""
-    script = tmp_path / "shard_map.py"
-    script.write_text(_SHARD_MAP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax")
-    out = subprocess.run(
-        [sys.executable, str(script), HERE], capture_output=True, text=True, env=env, timeout=300
-    )
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
-    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
-    import json
-
-    result = json.loads(line[len("RESULT ") :])
+    result = _run_jax_script(tmp_path, _SHARD_MAP_SCRIPT, HERE)
     assert result["all_reduces_in_entry"] == [False], result["all_reduces_in_entry"]
     assert result["iterations"] == [2, 2]
     assert max(result["weights"]) < 1e-5, result["weights"]
