@@ -126,28 +126,25 @@ def split_entries(opt) -> list:
     return [id(v) in accumulators for v in opt.variables]
 
 
-def _reducers(opt) -> dict:
-    # How the devices' rows of an accumulator combine, as the update combines
-    # them (`Plumbing.data_axis`): the mean, or for float8 scaling state the maximum.
-    return {
-        id(a): overwrites_with_gradient(v)
-        for a, v in zip(opt._accumulators, opt._trainable_variables)
-    }
+def rows_by_maximum(opt) -> list:
+    """For each accumulator: whether the devices' rows combine by their maximum
+    (float8 scaling state, as its window does) instead of their mean."""
+    return [overwrites_with_gradient(v) for v in opt._trainable_variables]
 
 
 def split(opt, values, num_devices) -> list:
     """Each accumulator's value repeated on a new leading axis of `num_devices` rows."""
-    _check_length(opt, values)
+    check_length(opt, values)
     return [
-        ops.repeat(ops.expand_dims(x, 0), num_devices, axis=0) if split else x
-        for x, split in zip(values, split_entries(opt))
+        ops.repeat(ops.expand_dims(x, 0), num_devices, axis=0) if rows else x
+        for x, rows in zip(values, split_entries(opt))
     ]
 
 
 def join(opt, values) -> list:
-    """Each accumulator's rows combined (`split`'s inverse once the rows have moved apart)."""
-    _check_length(opt, values)
-    maximum = _reducers(opt)
+    """Each accumulator's rows combined as the update combines them (`split`'s inverse)."""
+    check_length(opt, values)
+    maximum = {id(a): m for a, m in zip(opt._accumulators, rows_by_maximum(opt))}
     out = []
     for x, v in zip(values, opt.variables):
         if id(v) in maximum:
@@ -160,16 +157,16 @@ def join(opt, values) -> list:
 def device_row(opt, values) -> list:
     """Inside `shard_map`: this device's row (a leading axis of 1) of each accumulator."""
     return [
-        _check_rows(v, x, 1)[0] if split else x
-        for x, v, split in zip(values, opt.variables, split_entries(opt))
+        _check_rows(v, x, 1)[0] if rows else x
+        for x, v, rows in zip(values, opt.variables, split_entries(opt))
     ]
 
 
 def as_device_row(opt, values) -> list:
-    return [ops.expand_dims(x, 0) if split else x for x, split in zip(values, split_entries(opt))]
+    return [ops.expand_dims(x, 0) if rows else x for x, rows in zip(values, split_entries(opt))]
 
 
-def _check_length(opt, values) -> None:
+def check_length(opt, values) -> None:
     if len(values) != len(opt.variables):
         raise ValueError(
             f"`optimizer_variables` must hold one value per entry of `variables` "

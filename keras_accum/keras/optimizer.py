@@ -874,11 +874,7 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 f"`optimizer.build(trainable_variables)` first ('{self.name}' is not built)."
             )
         variables = self.variables
-        if len(optimizer_variables) != len(variables):
-            raise ValueError(
-                f"`optimizer_variables` must hold one value per entry of `variables` "
-                f"({len(variables)}). Received: {len(optimizer_variables)} values"
-            )
+        _window.check_length(self, optimizer_variables)
         if len(trainable_variables) != len(self._trainable_variables):
             raise ValueError(
                 "`trainable_variables` must hold one value per variable the optimizer was "

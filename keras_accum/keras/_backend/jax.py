@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from keras.src.backend.common.stateless_scope import StatelessScope, get_stateless_scope
 
 from keras_accum.keras import _backend as base
-from keras_accum.keras import _loss_scale
+from keras_accum.keras import _loss_scale, _window
 
 
 def _is_traced(value) -> bool:
@@ -199,10 +199,10 @@ class Plumbing(base.Plumbing):
         return [PartitionSpec(axis_name) if s else PartitionSpec() for s in split]
 
     def _reduce_window(self):
-        """Each accumulator averaged over the data axis (float8 scaling state: its maximum)."""
+        """Each accumulator's rows combined over the data axis (`_window.rows_by_maximum`)."""
         opt = self.optimizer
-        for acc, v in zip(opt._accumulators, opt._trainable_variables):
-            reduce = jax.lax.pmax if getattr(v, "overwrite_with_gradient", False) else jax.lax.pmean
+        for acc, maximum in zip(opt._accumulators, _window.rows_by_maximum(opt)):
+            reduce = jax.lax.pmax if maximum else jax.lax.pmean
             acc.assign(reduce(acc.value, self._axis_name))
 
     def tracing(self) -> bool:
