@@ -881,16 +881,15 @@ class AccumOptimizer(_SeedAPIMixin, keras.optimizers.Optimizer):
                 f"built on ({len(self._trainable_variables)}). Received: "
                 f"{len(trainable_variables)} values"
             )
-        if axis_name is not None:
-            self._plumbing.check_data_axis(axis_name, optimizer_variables)
-            optimizer_variables = _window.device_row(self, optimizer_variables)
-        mapping = list(zip(self._trainable_variables, trainable_variables))
-        mapping += list(zip(variables, optimizer_variables))
-        # On values the host cannot follow the position (outside `jax.jit`
-        # too, the variables are not written).
-        self._stop_following()
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            with self._plumbing.data_axis(axis_name):
+        with self._plumbing.data_axis(axis_name, optimizer_variables):
+            if axis_name is not None:
+                optimizer_variables = _window.device_row(self, optimizer_variables)
+            mapping = list(zip(self._trainable_variables, trainable_variables))
+            mapping += list(zip(variables, optimizer_variables))
+            # On values the host cannot follow the position (outside `jax.jit`
+            # too, the variables are not written).
+            self._stop_following()
+            with keras.StatelessScope(state_mapping=mapping) as scope:
                 run()
         new_values = [scope.get_current_value(v) for v in variables]
         if axis_name is not None:

@@ -133,13 +133,10 @@ class Plumbing:
         """`shard_map` partition specs: `split[i]` over `axis_name` by the leading axis."""
         raise _no_data_axis(axis_name)
 
-    def check_data_axis(self, axis_name, values) -> None:
-        """Refuses `axis_name` where a step cannot run inside `shard_map` (`values`: its state)."""
-        raise _no_data_axis(axis_name)
-
-    def data_axis(self, axis_name) -> contextlib.AbstractContextManager:
+    def data_axis(self, axis_name, values) -> contextlib.AbstractContextManager:
         """The step runs inside `shard_map` over `axis_name` (JAX): its accumulators
-        hold this device's partial sums, reduced once, at the update."""
+        hold this device's partial sums, reduced once, at the update. Refused where
+        a step cannot run there (`values`: the step's state)."""
         if axis_name is None:
             return contextlib.nullcontext()
         raise _no_data_axis(axis_name)

@@ -49,18 +49,16 @@ class Plumbing(base.Plumbing):
         self._jitted = {}
         self._axis_name = None  # inside `shard_map` (`data_axis`): the data axis
 
-    def check_data_axis(self, axis_name, values):
+    @contextlib.contextmanager
+    def data_axis(self, axis_name, values):
+        if axis_name is None:
+            yield
+            return
         if not all(_is_traced(x) for x in values):
             raise ValueError(
                 "`axis_name` is for a step traced inside `jax.shard_map` (in `jax.jit`). "
                 f"Received: axis_name={axis_name!r} outside a traced step"
             )
-
-    @contextlib.contextmanager
-    def data_axis(self, axis_name):
-        if axis_name is None:
-            yield
-            return
         self._axis_name = axis_name
         try:
             yield
